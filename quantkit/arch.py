@@ -1,0 +1,129 @@
+"""Architecture knowledge, as data: which norm feeds which linear layers.
+
+SmoothQuant divides a norm's output channels by ``s`` and multiplies the input columns of every
+linear layer that reads that output by ``s``; the float model computes the same function. That
+is only valid when the norm's output goes *only* into those linears, so the mapping is per
+architecture. Each entry lists alternative layer layouts; the first layout whose config condition
+holds and whose modules all exist under a module is applied there (that module is a decoder layer).
+
+Linears that no group covers (``o_proj``, ``down_proj``, ...) and architectures absent from this
+table are still quantized; with ``fallback_smoothing`` they get a run-time per-channel pre-scale.
+Names are relative to the decoder layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    """A norm and the linear layers that read its output."""
+
+    norm: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Layout:
+    groups: tuple[SmoothGroup, ...]
+    # Config attributes that must have these values for the layout to be valid.
+    requires: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    layouts: tuple[Layout, ...]
+    # The norm computes x_hat * (offset + weight): Gemma stores weight - 1, so its offset is 1.
+    norm_offset: float = 0.0
+    # Extra module patterns never quantized for this architecture (e.g. a vision tower).
+    exclude: tuple[str, ...] = ()
+
+
+def _g(norm: str, *linears: str) -> SmoothGroup:
+    return SmoothGroup(norm, linears)
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+# Llama-style pre-norm decoder: attention and MLP each read their own RMSNorm.
+_LLAMA = ArchSpec(
+    (Layout((_g("input_layernorm", *_QKV), _g("post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj"))),)
+)
+
+# Gemma 2/3 put an extra norm after attention (post_attention_layernorm feeds the residual, not the
+# MLP); the MLP reads pre_feedforward_layernorm.
+_GEMMA2 = ArchSpec(
+    (
+        Layout(
+            (_g("input_layernorm", *_QKV), _g("pre_feedforward_layernorm", "mlp.gate_proj", "mlp.up_proj"))
+        ),
+    ),
+    norm_offset=1.0,
+    exclude=("vision_tower*", "multi_modal_projector*"),
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    # Qwen3's q_norm/k_norm act on the projections' outputs, so its inputs smooth like Llama's.
+    "qwen3": _LLAMA,
+    "gemma": ArchSpec(_LLAMA.layouts, norm_offset=1.0),
+    "gemma2": _GEMMA2,
+    "gemma3": _GEMMA2,
+    "gemma3_text": _GEMMA2,
+    # Phi-3 fuses q/k/v and gate/up into single linears.
+    "phi3": ArchSpec(
+        (
+            Layout(
+                (
+                    _g("input_layernorm", "self_attn.qkv_proj"),
+                    _g("post_attention_layernorm", "mlp.gate_up_proj"),
+                )
+            ),
+        )
+    ),
+    # OPT: only the pre-norm variants (do_layer_norm_before=True; all but opt-350m) can be smoothed.
+    "opt": ArchSpec(
+        (
+            Layout(
+                (_g("self_attn_layer_norm", *_QKV), _g("final_layer_norm", "fc1")),
+                requires={"do_layer_norm_before": True},
+            ),
+        )
+    ),
+    # GPT-2 uses Conv1D (weight stored [in, out]); c_attn is the fused q/k/v projection.
+    "gpt2": ArchSpec((Layout((_g("ln_1", "attn.c_attn"), _g("ln_2", "mlp.c_fc"))),)),
+    # Falcon has three layouts: sequential (two norms), parallel with one shared norm feeding both
+    # attention and MLP (falcon-7b), and the new decoder architecture with two parallel norms (40b/180b).
+    "falcon": ArchSpec(
+        (
+            Layout(
+                (
+                    _g("input_layernorm", "self_attention.query_key_value"),
+                    _g("post_attention_layernorm", "mlp.dense_h_to_4h"),
+                ),
+                requires={"parallel_attn": False},
+            ),
+            Layout((_g("ln_attn", "self_attention.query_key_value"), _g("ln_mlp", "mlp.dense_h_to_4h"))),
+            Layout(
+                (_g("input_layernorm", "self_attention.query_key_value", "mlp.dense_h_to_4h"),),
+                requires={"parallel_attn": True},
+            ),
+        )
+    ),
+}
+
+# Unknown architectures: no norm folding, every linear gets the fallback.
+DEFAULT = ArchSpec(())
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    """The table entry for a ``config.model_type``, or :data:`DEFAULT`."""
+    return ARCHITECTURES.get(model_type, DEFAULT)
+
+
+def layout_applies(layout: Layout, config: Any) -> bool:
+    return all(getattr(config, key, None) == value for key, value in layout.requires.items())

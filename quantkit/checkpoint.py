@@ -1,0 +1,180 @@
+"""Quantized checkpoints: safetensors + ``config.json`` with a versioned ``quantization_config``.
+
+Layout of a checkpoint folder::
+
+    config.json             the model's config, plus quantization_config (see QuantConfig.to_dict)
+    model.safetensors       float tensors as in the source model; for each quantized layer
+                            <name>.weight (int8 [out, in]), <name>.weight_scale (fp32 [out]),
+                            optional <name>.bias, <name>.smooth_inv (fp32 [in]), <name>.input_scale
+    generation_config.json, tokenizer files
+
+Nothing is ever unpickled. Writes go to a temporary sibling folder that is renamed into place only
+when complete, so an interrupted run never leaves a half-written output directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import QuantConfig
+from .errors import QuantkitError
+from .nn import make_empty
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    """Fail early (before any long work) if ``out`` exists and may not be replaced."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QuantkitError(f"output directory {out} already exists; choose another path or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise QuantkitError(f"output path {out} exists and is not a directory")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that becomes ``out`` only if the block completes.
+
+    On any exception (KeyboardInterrupt included) the temporary folder is removed and ``out`` is
+    left exactly as it was.
+    """
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write a quantized model (from :func:`quantkit.quantize`) to ``out``.
+
+    Example:
+        >>> quantkit.save(model, "smollm2-w8a8", tokenizer)
+    """
+    if not isinstance(getattr(model.config, "quantization_config", None), dict):
+        raise QuantkitError("model is not quantized by quantkit; call quantkit.quantize() first")
+    QuantConfig.from_dict(model.config.quantization_config)  # validate before writing anything
+    with atomic_output_dir(out, overwrite) as tmp:
+        save_file(_dedup_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    log.info("wrote %s", out)
+    return Path(out)
+
+
+def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared storage written once, under its first name.
+
+    Tied weights (``lm_head.weight`` is ``embed_tokens.weight``) share storage; the first name in
+    module order is the input embedding, which ``tie_weights()`` copies back to the output on load.
+    """
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.contiguous()
+    return out
+
+
+def read_quant_config(path: str | Path) -> QuantConfig:
+    """The checkpoint's :class:`QuantConfig`, read from ``config.json`` alone."""
+    import json
+
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise QuantkitError(f"{path} has no config.json; is it a model folder?")
+    qc = json.loads(cfg_file.read_text()).get("quantization_config")
+    if qc is None:
+        raise QuantkitError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
+    return QuantConfig.from_dict(qc)
+
+
+def load(
+    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Load a quantkit checkpoint as a transformers model whose ``generate()`` works.
+
+    Args:
+        path: a folder written by :func:`save` (or ``quantkit quantize``).
+        device: where to put the model.
+        dtype: activation/float-weight dtype; the checkpoint's own dtype by default.
+
+    The round trip ``save`` -> ``load`` is bit-exact.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    qconfig = read_quant_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise QuantkitError(f"{path} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
+    config = AutoConfig.from_pretrained(path)
+    qc_dict = config.quantization_config
+    del config.quantization_config  # build the float skeleton, then swap in quantized modules
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+
+    with safe_open(str(weights), framework="pt") as f:
+        keys = set(f.keys())
+    # Parameters on the meta device (no memory, no random init); buffers such as rotary tables
+    # are real, since checkpoints do not store non-persistent buffers.
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name in qconfig.modules:
+        float_mod = model.get_submodule(name)
+        out_f, in_f = _shape_out_in(float_mod)
+        kw = {}
+        if qconfig.scheme == "w8a8":
+            kw = {"has_smooth": f"{name}.smooth_inv" in keys, "static": f"{name}.input_scale" in keys}
+        q = make_empty(qconfig.scheme, in_f, out_f, f"{name}.bias" in keys, dtype, device="meta", **kw)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+
+    state = load_file(str(weights))
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise QuantkitError(f"{weights} has tensors the model does not: {result.unexpected_keys[:3]}")
+    model.tie_weights()
+    still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    if still_meta:
+        raise QuantkitError(f"{weights} lacks tensors {still_meta[:3]}; the checkpoint is incomplete")
+    model.config.quantization_config = qc_dict
+    return model.to(device).eval()
+
+
+def _shape_out_in(module: nn.Module) -> tuple[int, int]:
+    from .nn import weight_out_in
+
+    return tuple(weight_out_in(module).shape)  # type: ignore[return-value]

@@ -1,0 +1,75 @@
+"""Reference implementations of the quantized linear ops: correct for every shape, dtype and device.
+
+These are the oracle every fast path is tested against, and the fallback when no fast path takes a
+shape. They are plain PyTorch, written for clarity rather than speed.
+
+Op contracts (shared by every backend):
+
+``w8a16_linear(x, weight, weight_scale, bias)``
+    ``x`` float ``[..., K]`` (bf16/fp16/fp32), ``weight`` int8 ``[N, K]``, ``weight_scale`` fp32 ``[N]``,
+    ``bias`` ``[N]`` or None. Returns ``x @ (weight * weight_scale[:, None]).T + bias`` in ``x.dtype``.
+
+``w8a8_linear(x, weight, weight_scale, bias, smooth_inv, input_scale)``
+    Same shapes, plus ``smooth_inv`` fp32 ``[K]`` or None (a per-input-channel multiplier applied to
+    ``x`` before quantization: the SmoothQuant pre-scale for layers with no norm to fold it into) and
+    ``input_scale`` fp32 scalar tensor or None (static per-tensor activation scale; None means dynamic
+    per-token scales). Activations are quantized to int8, multiplied with int8 weights into int32, and
+    rescaled in fp32: ``y = (xq @ wq.T) * x_scale[:, None] * weight_scale[None, :] + bias``.
+
+``int8_mm(a, b)``
+    int8 ``[M, K]`` times int8 ``[N, K]`` transposed, exact, into int32 ``[M, N]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..tensor import dequantize, quantize_per_token, quantize_to_int8
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # int32 products of int8 values are exact, and so are their sums until |sum| > 2^31:
+    # K * 127 * 127 < 2^31 holds for K up to 133,000, far beyond any hidden size.
+    return a.to(torch.int32) @ b.to(torch.int32).T
+
+
+def quantize_activations(
+    x2d: torch.Tensor, smooth_inv: torch.Tensor | None, input_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 activations and their fp32 scale (``[M, 1]`` per token, or the static scalar)."""
+    xf = x2d.float()
+    if smooth_inv is not None:
+        xf = xf * smooth_inv
+    if input_scale is None:
+        return quantize_per_token(xf)
+    scale = input_scale.float().reshape(1, 1)
+    return quantize_to_int8(xf, scale), scale
+
+
+def w8a8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    smooth_inv: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1])
+    xq, x_scale = quantize_activations(x2d, smooth_inv, input_scale)
+    acc = int8_mm(xq, weight)
+    # Rescale the int32 accumulator in fp32: the product of two scales can be far below bf16's
+    # resolution for small activations, and fp32 keeps the epilogue exact to ~1e-7 relative.
+    y = acc.float() * x_scale * weight_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def w8a16_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    w = dequantize(weight, weight_scale[:, None], x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -1,0 +1,210 @@
+"""The public verbs: :func:`select_targets`, :func:`calibrate`, :func:`quantize`.
+
+``quantize`` works in place on a float transformers model, in three steps that keep the algorithm
+apart from the module surgery:
+
+1. decide the float ``[out, in]`` weight (and run-time pre-scale) for every target layer,
+   folding SmoothQuant scales into norms where the architecture table maps them;
+2. derive static activation scales from the (smoothed) calibration statistics if asked;
+3. swap each target for its quantized module.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import arch
+from .calibration import (
+    DEFAULT_CALIBRATION,
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    ActStats,
+    collect_stats,
+    make_samples,
+    read_texts,
+)
+from .config import QuantConfig, matches
+from .errors import QuantkitError
+from .nn import QUANT_MODULES, W8A8Linear, is_float_linear, weight_out_in
+from .smooth import fold_into_norm, smoothing_scale
+from .tensor import abs_max_scale
+
+log = logging.getLogger(__name__)
+
+
+def select_targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
+    """Float linear layers to quantize, by fully-qualified name, after include/exclude patterns."""
+    spec = arch.spec_for(getattr(model.config, "model_type", ""))
+    exclude = config.exclude + spec.exclude
+    targets = {
+        name: m
+        for name, m in model.named_modules()
+        if is_float_linear(m)
+        and (not config.include or matches(name, config.include))
+        and not matches(name, exclude)
+    }
+    if not targets:
+        raise QuantkitError(
+            "no linear layers matched the include/exclude patterns; check --include/--exclude "
+            f"(include={list(config.include)}, exclude={list(exclude)})"
+        )
+    return targets
+
+
+def calibrate(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str] | str | Path | None = None,
+    config: QuantConfig | None = None,
+    *,
+    n_samples: int = DEFAULT_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    progress: bool = True,
+) -> ActStats:
+    """Activation statistics for the layers ``config`` would quantize.
+
+    Args:
+        texts: a list of strings, or a path to a ``.txt``/``.jsonl`` file; the shipped default
+            (Jane Austen's *Persuasion*) when None.
+    Returns:
+        ``{module name: fp32 [in] per-input-channel abs-max}``.
+    """
+    config = config or QuantConfig()
+    if texts is None or isinstance(texts, (str, Path)):
+        texts = read_texts(texts or DEFAULT_CALIBRATION)
+    samples = make_samples(tokenizer, texts, n_samples, seq_len)
+    log.info("calibrating on %d samples x %d tokens", samples.shape[0], samples.shape[1])
+    return collect_stats(model, samples, select_targets(model, config), progress=progress)
+
+
+def _plan_smoothing(
+    model: nn.Module, targets: dict[str, nn.Module], stats: ActStats, config: QuantConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Fold SmoothQuant into norms where mapped; return smoothed weights and run-time pre-scales.
+
+    Returns ``(weights, smooth_inv)``: fp32 ``[out, in]`` weights for the targets whose weight
+    changed, and ``1/s`` for targets that keep a run-time pre-scale. ``stats`` is updated in place to
+    describe the smoothed activations (``amax / s``).
+    """
+    spec = arch.spec_for(getattr(model.config, "model_type", ""))
+    modules = dict(model.named_modules())
+    weights: dict[str, torch.Tensor] = {}
+    smooth_inv: dict[str, torch.Tensor] = {}
+    covered: set[str] = set()
+
+    layouts = [lay for lay in spec.layouts if arch.layout_applies(lay, model.config)]
+    for prefix in list(modules):
+        for layout in layouts:
+            names = [(f"{prefix}.{g.norm}", [f"{prefix}.{lin}" for lin in g.linears]) for g in layout.groups]
+            if not all(n in modules and all(lin in modules for lin in lins) for n, lins in names):
+                continue
+            for norm_name, linear_names in names:
+                seen = [stats[n] for n in linear_names if n in stats]
+                if not seen or not all(is_float_linear(modules[n]) for n in linear_names):
+                    continue
+                # All linears of a group read the same tensor; max over them guards against hooks
+                # that saw slightly different inputs (they should not).
+                act_amax = torch.stack(seen).amax(dim=0)
+                w_amax = torch.stack(
+                    [weight_out_in(modules[n]).detach().abs().amax(dim=0).float() for n in linear_names]
+                )
+                s = smoothing_scale(act_amax, w_amax.amax(dim=0), config.alpha)
+                fold_into_norm(modules[norm_name], s, spec.norm_offset)
+                for n in linear_names:
+                    w = weight_out_in(modules[n]).detach().float() * s[None, :]
+                    if n in targets:
+                        weights[n] = w
+                        covered.add(n)
+                        stats[n] = stats[n] / s
+                    else:  # not quantized, but it reads the rescaled norm output: keep it exact
+                        weight_out_in(modules[n]).copy_(w.to(modules[n].weight.dtype))
+            break  # one layout per decoder layer
+
+    if config.fallback_smoothing:
+        for n, m in targets.items():
+            if n in covered or n not in stats:
+                continue
+            w = weight_out_in(m).detach().float()
+            s = smoothing_scale(stats[n], w.abs().amax(dim=0), config.alpha)
+            weights[n] = w * s[None, :]
+            smooth_inv[n] = 1.0 / s
+            stats[n] = stats[n] / s
+    log.info(
+        "smoothing: %d layers folded into norms, %d with a run-time pre-scale, %d unsmoothed",
+        len(covered),
+        len(smooth_inv),
+        len(targets) - len(covered) - len(smooth_inv),
+    )
+    return weights, smooth_inv
+
+
+@torch.no_grad()
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | None = None,
+    stats: ActStats | None = None,
+    *,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize a float transformers model in place and return it.
+
+    Args:
+        model: a float ``PreTrainedModel`` (any causal LM; unknown architectures use the fallback).
+        config: what to do; W8A8 SmoothQuant per-token by default.
+        stats: activation statistics from :func:`calibrate`; required when
+            ``config.needs_calibration``. Not modified.
+
+    Example:
+        >>> stats = quantkit.calibrate(model, tokenizer)
+        >>> quantkit.quantize(model, QuantConfig(scheme="w8a8", alpha=0.5), stats)
+    """
+    config = config or QuantConfig()
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise QuantkitError("this model is already quantized; start from the float model")
+    targets = select_targets(model, config)
+    if config.needs_calibration:
+        if stats is None:
+            raise QuantkitError(
+                f"{config.label} needs calibration statistics: run quantkit.calibrate() first"
+            )
+        missing = [n for n in targets if n not in stats]
+        if missing:
+            raise QuantkitError(
+                f"calibration statistics lack {len(missing)} target layers (e.g. {missing[0]}); "
+                "recalibrate with the same model and include/exclude patterns"
+            )
+        stats = dict(stats)
+
+    weights: dict[str, torch.Tensor] = {}
+    smooth_inv: dict[str, torch.Tensor] = {}
+    if config.scheme == "w8a8" and config.smoothing == "smoothquant":
+        weights, smooth_inv = _plan_smoothing(model, targets, stats, config)
+
+    cls = QUANT_MODULES[config.scheme]
+    for name, module in tqdm(
+        targets.items(), desc=f"Quantizing {config.label}", unit="layer", disable=not progress
+    ):
+        kwargs = {}
+        if cls is W8A8Linear:
+            kwargs["smooth_inv"] = smooth_inv.get(name)
+            if config.activations == "per_tensor":
+                kwargs["input_scale"] = abs_max_scale(stats[name].max())
+        qmodule = cls.from_float(module, weights.get(name), **kwargs)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, qmodule)
+
+    _untie_if_quantized(model, targets)
+    model.config.quantization_config = QuantConfig(**{**config.__dict__, "modules": tuple(targets)}).to_dict()
+    return model
+
+
+def _untie_if_quantized(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+    """If a tied output embedding was quantized, the saved config must no longer tie it."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and not is_float_linear(out) and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False

@@ -1,0 +1,65 @@
+"""Symmetric INT8 quantization math: the one place where scales are defined.
+
+Every scheme in quantkit is symmetric with the int8 range clipped to [-127, 127] (the value -128
+is never produced, so negation is exact and the range is the same on both sides). A scale maps
+int8 back to real values: ``x ~= q * scale``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QMAX = 127
+# A channel or token that is all zeros would give a zero scale and a division by zero; any
+# positive scale quantizes zeros exactly, so clamp the abs-max from below.
+_EPS = 1e-8
+
+
+def abs_max_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Scale (fp32) that maps ``amax`` onto the int8 limit."""
+    return amax.float().clamp_min(_EPS) / QMAX
+
+
+def quantize_to_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``round(x / scale)`` clipped to [-127, 127], in int8. ``scale`` broadcasts against ``x``.
+
+    The division happens in fp32 whatever the input dtype, so bf16/fp16 inputs round the same way
+    as on the fast paths, which also work in fp32.
+    """
+    return torch.round(x.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
+
+
+def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric round-to-nearest.
+
+    Args:
+        weight: float ``[out, in]``.
+
+    Returns:
+        ``(q, scale)``: int8 ``[out, in]`` and fp32 ``[out]`` with ``weight ~= q * scale[:, None]``.
+    """
+    scale = abs_max_scale(weight.detach().abs().amax(dim=1))
+    return quantize_to_int8(weight.detach(), scale[:, None]), scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token (per-row) quantization of activations ``[..., K]``.
+
+    Returns ``(q, scale)`` with ``scale`` of shape ``[..., 1]`` in fp32.
+    """
+    scale = abs_max_scale(x.detach().abs().amax(dim=-1, keepdim=True))
+    return quantize_to_int8(x, scale), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``q * scale`` computed in fp32, then cast to ``dtype``."""
+    return (q.float() * scale).to(dtype)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(|ref|^2 / |ref - approx|^2)``."""
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))
