@@ -55,11 +55,7 @@ _LLAMA = ArchSpec(
 # Gemma 2/3 put an extra norm after attention (post_attention_layernorm feeds the residual, not the
 # MLP); the MLP reads pre_feedforward_layernorm.
 _GEMMA2 = ArchSpec(
-    (
-        Layout(
-            (_g("input_layernorm", *_QKV), _g("pre_feedforward_layernorm", "mlp.gate_proj", "mlp.up_proj"))
-        ),
-    ),
+    (Layout((_g("input_layernorm", *_QKV), _g("pre_feedforward_layernorm", "mlp.gate_proj", "mlp.up_proj"))),),
     norm_offset=1.0,
     exclude=("vision_tower*", "multi_modal_projector*"),
 )

@@ -50,9 +50,7 @@ def read_texts(path: str | Path) -> list[str]:
             except json.JSONDecodeError as e:
                 raise QuantkitError(f"{path}:{lineno} is not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise QuantkitError(
-                    f'{path}:{lineno} has no string "text" field; each line must be {{"text": ...}}'
-                )
+                raise QuantkitError(f'{path}:{lineno} has no string "text" field; each line must be {{"text": ...}}')
             texts.append(record["text"])
     else:
         texts = [content]
@@ -77,9 +75,7 @@ def make_samples(tokenizer, texts: list[str], n_samples: int, seq_len: int) -> t
         log.warning("calibration text has only %d tokens (< %d); using one short sample", len(ids), seq_len)
         return ids[None, :]
     if n_windows < n_samples:
-        log.warning(
-            "calibration text holds only %d windows of %d tokens; using all of them", n_windows, seq_len
-        )
+        log.warning("calibration text holds only %d windows of %d tokens; using all of them", n_windows, seq_len)
         n_samples = n_windows
     starts = torch.linspace(0, n_windows - 1, n_samples).round().long() * seq_len
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import QuantConfig
@@ -119,9 +119,7 @@ def read_quant_config(path: str | Path) -> QuantConfig:
     return QuantConfig.from_dict(qc)
 
 
-def load(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-) -> nn.Module:
+def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
     """Load a quantkit checkpoint as a transformers model whose ``generate()`` works.
 
     Args:
@@ -162,7 +160,11 @@ def load(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
 
-    state = load_file(str(weights))
+    # Copy each tensor out of the file buffer: safetensors hands back tensors at whatever offset
+    # they sit in the file (8 mod 64 here), and torch's AVX-512 int8 kernels crash on such
+    # misaligned weights. clone() gets 64-byte-aligned memory from torch's allocator.
+    with safe_open(str(weights), framework="pt") as f:
+        state = {k: f.get_tensor(k).clone() for k in f.keys()}
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise QuantkitError(f"{weights} has tensors the model does not: {result.unexpected_keys[:3]}")

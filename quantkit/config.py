@@ -65,9 +65,7 @@ class QuantConfig:
                 f"unknown activation granularity {self.activations!r}; choose one of {', '.join(ACT_GRANULARITIES)}"
             )
         if self.smoothing not in SMOOTHINGS:
-            raise QuantkitError(
-                f"unknown smoothing {self.smoothing!r}; choose one of {', '.join(SMOOTHINGS)}"
-            )
+            raise QuantkitError(f"unknown smoothing {self.smoothing!r}; choose one of {', '.join(SMOOTHINGS)}")
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise QuantkitError(f"alpha must be between 0 and 1, got {self.alpha}")
         # Accept lists (e.g. from JSON) but store tuples so the config stays hashable and frozen.

@@ -41,9 +41,7 @@ def resolve(model: str | Path, *, progress: bool = True) -> Path:
             if "/" in str(model) and not str(model).startswith((".", "/"))
             else ""
         )
-        raise QuantkitError(
-            f"model {model} not found: pass a local Hugging Face model folder or {DEFAULT_MODEL}{hint}"
-        )
+        raise QuantkitError(f"model {model} not found: pass a local Hugging Face model folder or {DEFAULT_MODEL}{hint}")
     if not (path / "config.json").is_file():
         raise QuantkitError(f"{path} has no config.json; pass a Hugging Face model folder")
     return path
@@ -65,9 +63,15 @@ def check_causal_lm(path: Path) -> None:
         )
 
 
-def load_float(
-    model: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu", progress: bool = True
-):
+def native_dtype(path: Path) -> torch.dtype:
+    """The dtype a model folder's config declares (fp32 when it declares none)."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name), None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def load_float(model: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu", progress: bool = True):
     """``(model, tokenizer, path)`` for a float causal LM, in ``dtype`` (the checkpoint's by default)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

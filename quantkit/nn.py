@@ -24,33 +24,31 @@ class FloatLinearKind:
     transposed: bool
 
 
-# Float layer types that quantkit quantizes. Keyed by exact type: a subclass may change forward().
-FLOAT_LINEARS: dict[type[nn.Module], FloatLinearKind] = {
-    nn.Linear: FloatLinearKind(transposed=False),
-    Conv1D: FloatLinearKind(transposed=True),
+# Float layer types that quantkit quantizes, by class name. Exact classes only: a subclass may
+# change forward(), so subclasses are listed once checked to compute x @ W.T + b.
+FLOAT_LINEARS: dict[str, FloatLinearKind] = {
+    "Linear": FloatLinearKind(transposed=False),
+    "Conv1D": FloatLinearKind(transposed=True),  # GPT-2 family
+    "FalconLinear": FloatLinearKind(transposed=False),  # nn.Linear with a hand-written forward
 }
 
 
 def is_float_linear(module: nn.Module) -> bool:
-    return type(module) in FLOAT_LINEARS
+    return isinstance(module, (nn.Linear, Conv1D)) and type(module).__name__ in FLOAT_LINEARS
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The float layer's weight as an ``[out, in]`` view (no copy)."""
     w = module.weight
-    return w.T if FLOAT_LINEARS[type(module)].transposed else w
+    return w.T if FLOAT_LINEARS[type(module).__name__].transposed else w
 
 
 class _QuantLinearBase(nn.Module):
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer(
-            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
-        )
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
 
@@ -65,9 +63,7 @@ class _QuantLinearBase(nn.Module):
         return q
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-        )
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 class W8A16Linear(_QuantLinearBase):
@@ -105,9 +101,7 @@ class W8A8Linear(_QuantLinearBase):
         self.register_buffer(
             "smooth_inv", torch.empty(in_features, dtype=torch.float32, device=device) if has_smooth else None
         )
-        self.register_buffer(
-            "input_scale", torch.empty((), dtype=torch.float32, device=device) if static else None
-        )
+        self.register_buffer("input_scale", torch.empty((), dtype=torch.float32, device=device) if static else None)
 
     @classmethod
     def from_float(
@@ -131,9 +125,7 @@ class W8A8Linear(_QuantLinearBase):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.w8a8_linear(
-            x, self.weight, self.weight_scale, self.bias, self.smooth_inv, self.input_scale
-        )
+        return kernels.w8a8_linear(x, self.weight, self.weight_scale, self.bias, self.smooth_inv, self.input_scale)
 
     def extra_repr(self) -> str:
         act = "static per-tensor" if self.input_scale is not None else "dynamic per-token"

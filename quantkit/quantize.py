@@ -44,9 +44,7 @@ def select_targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module
     targets = {
         name: m
         for name, m in model.named_modules()
-        if is_float_linear(m)
-        and (not config.include or matches(name, config.include))
-        and not matches(name, exclude)
+        if is_float_linear(m) and (not config.include or matches(name, config.include)) and not matches(name, exclude)
     }
     if not targets:
         raise QuantkitError(
@@ -169,9 +167,7 @@ def quantize(
     targets = select_targets(model, config)
     if config.needs_calibration:
         if stats is None:
-            raise QuantkitError(
-                f"{config.label} needs calibration statistics: run quantkit.calibrate() first"
-            )
+            raise QuantkitError(f"{config.label} needs calibration statistics: run quantkit.calibrate() first")
         missing = [n for n in targets if n not in stats]
         if missing:
             raise QuantkitError(
@@ -186,9 +182,7 @@ def quantize(
         weights, smooth_inv = _plan_smoothing(model, targets, stats, config)
 
     cls = QUANT_MODULES[config.scheme]
-    for name, module in tqdm(
-        targets.items(), desc=f"Quantizing {config.label}", unit="layer", disable=not progress
-    ):
+    for name, module in tqdm(targets.items(), desc=f"Quantizing {config.label}", unit="layer", disable=not progress):
         kwargs = {}
         if cls is W8A8Linear:
             kwargs["smooth_inv"] = smooth_inv.get(name)

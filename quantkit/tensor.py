@@ -39,7 +39,8 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
         ``(q, scale)``: int8 ``[out, in]`` and fp32 ``[out]`` with ``weight ~= q * scale[:, None]``.
     """
     scale = abs_max_scale(weight.detach().abs().amax(dim=1))
-    return quantize_to_int8(weight.detach(), scale[:, None]), scale
+    # contiguous: the weight may be a transposed view (GPT-2 Conv1D) and kernels need row-major.
+    return quantize_to_int8(weight.detach(), scale[:, None]).contiguous(), scale
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,9 +55,7 @@ def register(op: str, impl: Impl) -> None:
 
 def backends() -> dict[str, list[str]]:
     """Registered backends per op, in the order they are tried."""
-    return {
-        op: [f"{i.backend}({i.device_type})" for i in impls] + ["reference"] for op, impls in _IMPLS.items()
-    }
+    return {op: [f"{i.backend}({i.device_type})" for i in impls] + ["reference"] for op, impls in _IMPLS.items()}
 
 
 @contextlib.contextmanager

@@ -1,0 +1,284 @@
+"""Command line: ``quantkit {run,quantize,calibrate,eval,report} ...``; ``quantkit CMD --help`` explains each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import QuantkitError
+
+log = logging.getLogger("quantkit")
+
+_EPILOG = """examples:
+  quantkit run                                      # default model: quantize, evaluate, report
+  quantkit quantize smollm2-135m --scheme w8a8 --out smollm2-w8a8
+  quantkit quantize ./my-llama --scheme w8a16 --out my-llama-w8a16
+  quantkit eval smollm2-w8a8 --baseline smollm2-135m --out w8a8.json
+  quantkit report w8a8.json --out report.md
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars; warnings and errors only")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_calibration(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration")
+    g.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibration text: .txt, or .jsonl with a 'text' field per line (default: shipped Persuasion)",
+    )
+    g.add_argument("--samples", type=int, default=16, help="number of calibration windows (default: 16)")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantkit",
+        description="INT8 post-training quantization for Hugging Face causal LMs: W8A16 (int8 weights) and "
+        "SmoothQuant W8A8 (int8 weights and activations), with size/speed/perplexity reports.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run",
+        help="the whole job on one model: calibrate, write W8A16 / naive W8A8 / SmoothQuant W8A8, evaluate, report",
+        description="Calibrate once, write the W8A16, naive W8A8 and SmoothQuant W8A8 checkpoints, evaluate them "
+        "against the float model in bf16 and fp32 in one run, and write results.json and report.md.",
+    )
+    p.add_argument("--model", default="smollm2-135m", help="local model folder or 'smollm2-135m' (default)")
+    p.add_argument("--out", type=Path, default=Path("runs/smollm2-135m"), help="output folder (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    p.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens (default: 32)")
+    p.add_argument("--no-speed", action="store_true", help="skip speed measurements")
+    _add_calibration(p)
+    _add_common(p)
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a model and write a checkpoint",
+        description="Quantize a float causal LM and write a quantized checkpoint (safetensors + config.json).",
+    )
+    p.add_argument("model", help="local Hugging Face model folder, or 'smollm2-135m' (the default model)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--scheme", choices=["w8a8", "w8a16"], default="w8a8", help="default: w8a8")
+    p.add_argument(
+        "--activations",
+        choices=["per_token", "per_tensor"],
+        default="per_token",
+        help="W8A8 activation scales: dynamic per-token (default) or static per-tensor from calibration",
+    )
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1] (default: 0.5)")
+    p.add_argument("--no-smooth", action="store_true", help="W8A8 without SmoothQuant (naive; for comparison)")
+    p.add_argument(
+        "--no-fallback-smoothing",
+        action="store_true",
+        help="do not pre-scale activations of layers that have no norm to fold smoothing into",
+    )
+    p.add_argument("--include", nargs="+", default=[], metavar="PATTERN", help="only quantize matching modules")
+    p.add_argument(
+        "--exclude",
+        nargs="+",
+        default=["lm_head"],
+        metavar="PATTERN",
+        help="never quantize these (default: lm_head)",
+    )
+    p.add_argument("--stats", type=Path, help="reuse activation statistics saved by 'quantkit calibrate'")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32", "auto"],
+        default="auto",
+        help="dtype of the non-quantized parts (default: the model's own)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    _add_calibration(p)
+    _add_common(p)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="collect activation statistics and save them for reuse",
+        description="Record per-input-channel activation abs-max of every linear layer on calibration text.",
+    )
+    p.add_argument("model", help="local model folder or 'smollm2-135m'")
+    p.add_argument("--out", type=Path, required=True, help="statistics file to write (.safetensors)")
+    _add_calibration(p)
+    _add_common(p)
+
+    p = sub.add_parser(
+        "eval",
+        help="measure perplexity, size and speed of checkpoints against their float baseline",
+        description="Evaluate quantized checkpoints and their float baseline in the same run; write JSON. "
+        "Perplexity: N evenly spaced non-overlapping 512-token windows of Emma, fp32 activations.",
+    )
+    p.add_argument("checkpoints", nargs="+", type=Path, help="quantized checkpoint folders")
+    p.add_argument("--baseline", required=True, help="the float model they came from (folder or 'smollm2-135m')")
+    p.add_argument("--out", type=Path, required=True, help="results JSON to write")
+    p.add_argument("--text", type=Path, help="evaluation text (default: shipped Emma)")
+    p.add_argument("--windows", type=int, default=32, help="number of windows (default: 32)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--no-speed", action="store_true", help="skip speed measurements")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "report",
+        help="turn results JSON files into a side-by-side Markdown report",
+        description="Combine results files from 'quantkit eval' or 'quantkit run' into one Markdown report.",
+    )
+    p.add_argument("results", nargs="+", type=Path, help="results JSON files")
+    p.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    _add_common(p)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> bool:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "accelerate", "httpx"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    if args.quiet:
+        hf_logging.disable_progress_bar()
+    return not args.quiet
+
+
+def _cmd_run(args, progress: bool) -> None:
+    from .pipeline import run_default_job
+
+    run_default_job(
+        args.model,
+        args.out,
+        overwrite=args.overwrite,
+        n_windows=args.windows,
+        calibration=args.calibration,
+        n_samples=args.samples,
+        seq_len=args.seq_len,
+        measure_speed=not args.no_speed,
+        progress=progress,
+    )
+    print((args.out / "report.md").read_text())
+    log.info("wrote %s (checkpoints, results.json, report.md)", args.out)
+
+
+def _cmd_quantize(args, progress: bool) -> None:
+    import torch
+
+    from .calibration import load_stats
+    from .checkpoint import check_output_dir, save
+    from .config import QuantConfig
+    from .models import load_float, native_dtype
+    from .quantize import calibrate, quantize
+
+    config = QuantConfig(
+        scheme=args.scheme,
+        activations=args.activations,
+        smoothing="none" if args.no_smooth else "smoothquant",
+        alpha=args.alpha,
+        fallback_smoothing=not args.no_fallback_smoothing,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+    )
+    check_output_dir(args.out, args.overwrite)  # before any long work
+    # Load in fp32 so calibration statistics are not rounded to bf16, then cast to the serving dtype.
+    model, tokenizer, path = load_float(args.model, dtype=torch.float32, progress=progress)
+    stats = None
+    if config.needs_calibration:
+        if args.stats:
+            stats = load_stats(args.stats)
+        else:
+            stats = calibrate(
+                model,
+                tokenizer,
+                args.calibration,
+                config,
+                n_samples=args.samples,
+                seq_len=args.seq_len,
+                progress=progress,
+            )
+    model.to(native_dtype(path) if args.dtype == "auto" else getattr(torch, args.dtype))
+    quantize(model, config, stats, progress=progress)
+    save(model, args.out, tokenizer, overwrite=args.overwrite)
+    log.info("wrote %s (%s)", args.out, config.label)
+
+
+def _cmd_calibrate(args, progress: bool) -> None:
+    import torch
+
+    from .calibration import save_stats
+    from .models import load_float
+    from .quantize import calibrate
+
+    if args.out.exists():
+        raise QuantkitError(f"{args.out} already exists; choose another path")
+    model, tokenizer, path = load_float(args.model, dtype=torch.float32, progress=progress)
+    stats = calibrate(
+        model, tokenizer, args.calibration, n_samples=args.samples, seq_len=args.seq_len, progress=progress
+    )
+    tmp = args.out.with_name(f".{args.out.name}.partial")
+    save_stats(stats, tmp, {"model": str(path), "samples": str(args.samples), "seq_len": str(args.seq_len)})
+    tmp.rename(args.out)
+    log.info("wrote statistics for %d layers to %s", len(stats), args.out)
+
+
+def _cmd_eval(args, progress: bool) -> None:
+    from .pipeline import evaluate_all
+
+    for c in args.checkpoints:
+        if not c.is_dir():
+            raise QuantkitError(f"checkpoint {c} not found")
+    results = evaluate_all(
+        args.baseline,
+        {c.name: c for c in args.checkpoints},
+        text=args.text,
+        n_windows=args.windows,
+        window=args.window,
+        measure_speed=not args.no_speed,
+        progress=progress,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    log.info("wrote %s", args.out)
+
+
+def _cmd_report(args, progress: bool) -> None:
+    from .report import read_results, write_markdown
+
+    write_markdown(read_results(args.results), args.out)
+    log.info("wrote %s", args.out)
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "quantize": _cmd_quantize,
+    "calibrate": _cmd_calibrate,
+    "eval": _cmd_eval,
+    "report": _cmd_report,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = _setup_logging(args)
+    try:
+        _COMMANDS[args.command](args, progress)
+    except QuantkitError as e:
+        print(f"quantkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("quantkit: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

