@@ -11,6 +11,7 @@ apart from the module surgery:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -192,12 +193,12 @@ def quantize(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, qmodule)
 
-    _untie_if_quantized(model, targets)
-    model.config.quantization_config = QuantConfig(**{**config.__dict__, "modules": tuple(targets)}).to_dict()
+    _untie_if_quantized(model)
+    model.config.quantization_config = dataclasses.replace(config, modules=tuple(targets)).to_dict()
     return model
 
 
-def _untie_if_quantized(model: nn.Module, targets: dict[str, nn.Module]) -> None:
+def _untie_if_quantized(model: nn.Module) -> None:
     """If a tied output embedding was quantized, the saved config must no longer tie it."""
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is not None and not is_float_linear(out) and getattr(model.config, "tie_word_embeddings", False):
