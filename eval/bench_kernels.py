@@ -67,12 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated KxN (in_features x out_features) per linear of the block "
         f"(default: {DEFAULT_SHAPES}, an 8B Llama MLP)",
     )
-    parser.add_argument(
-        "--m", default=DEFAULT_ROWS, help=f"comma-separated row counts (default: {DEFAULT_ROWS})"
-    )
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype (default: bf16)"
-    )
+    parser.add_argument("--m", default=DEFAULT_ROWS, help=f"comma-separated row counts (default: {DEFAULT_ROWS})")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activation dtype (default: bf16)")
     parser.add_argument("--reference", action="store_true", help="also time the reference implementations")
     parser.add_argument(
         "--no-cuda-graphs", action="store_true", help="time plain launches instead of CUDA graph replays"
@@ -145,9 +141,7 @@ def int_mm_available(block: list[Linear], xs: list[torch.Tensor]) -> bool:
     from quantkit import kernels
 
     with kernels.force_backend("cuda_int_mm"):
-        return all(
-            kernels.select("w8a8", x, lin.q)[0] == "cuda_int_mm" for lin, x in zip(block, xs, strict=True)
-        )
+        return all(kernels.select("w8a8", x, lin.q)[0] == "cuda_int_mm" for lin, x in zip(block, xs, strict=True))
 
 
 def time_us(fn: Callable[[], object], use_graphs: bool, rep_ms: int) -> tuple[float, str]:
@@ -179,9 +173,7 @@ def run(args: argparse.Namespace) -> dict:
     results = []
     for rows in row_counts:
         xs = make_inputs(block, rows, dtype, args.seed)
-        y_float = torch.cat(
-            [(x.float() @ lin.weight.float().T).flatten() for lin, x in zip(block, xs, strict=True)]
-        )
+        y_float = torch.cat([(x.float() @ lin.weight.float().T).flatten() for lin, x in zip(block, xs, strict=True)])
         split_k = [tk.pick_split_k(rows, lin.q.shape[0], lin.q.shape[1], device) for lin in block]
         log.info("M=%d: split-K per linear %s", rows, split_k)
         for name, (_, method) in methods.items():
@@ -231,9 +223,7 @@ def format_table(report: dict) -> str:
         for name in methods:
             r = by_key.get((rows, name))
             cells.append(
-                "n/a"
-                if r is None
-                else f"{r['us']:.1f} us ({r['speedup_vs_bf16']:.2f}x) {r['sqnr_db']:.1f} dB"
+                "n/a" if r is None else f"{r['us']:.1f} us ({r['speedup_vs_bf16']:.2f}x) {r['sqnr_db']:.1f} dB"
             )
         lines.append(" | ".join(cells))
     title = f"{report['device']}, {report['dtype']}, block {report['shapes_kxn']} (KxN): time per block call"
@@ -242,9 +232,7 @@ def format_table(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if not torch.cuda.is_available():
         print("bench_kernels: a CUDA GPU is required (no CPU timings are produced)", file=sys.stderr)
         return 2

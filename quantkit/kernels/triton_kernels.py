@@ -363,9 +363,7 @@ def _prune_by_rows(configs: list[triton.Config], named_args: dict, **kwargs: obj
     return [c for c in configs if c.kwargs["BLOCK_M"] <= limit] or configs[:1]
 
 
-def _autotuned(
-    fn: triton.runtime.Heuristics, configs: list[triton.Config], prune: bool
-) -> triton.runtime.Autotuner:
+def _autotuned(fn: triton.runtime.Heuristics, configs: list[triton.Config], prune: bool) -> triton.runtime.Autotuner:
     return triton.autotune(
         configs=configs,
         key=["M_BUCKET", "N", "K", "SPLIT_K"],
@@ -409,9 +407,7 @@ def pick_split_k(rows: int, n: int, k: int, device: torch.device) -> int:
         return 1
     tiles = triton.cdiv(rows, 16) * triton.cdiv(n, 64)
     split = 1
-    while (
-        tiles * split < 2 * _sm_count(device) and k // (2 * split) >= MIN_K_PER_SPLIT and split < MAX_SPLIT_K
-    ):
+    while tiles * split < 2 * _sm_count(device) and k // (2 * split) >= MIN_K_PER_SPLIT and split < MAX_SPLIT_K:
         split *= 2
     return split
 

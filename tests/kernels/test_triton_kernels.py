@@ -176,17 +176,13 @@ def test_w8a8_matches_reference(m, k, n, config, dtype, variant, device):
 
 
 @pytest.mark.parametrize("variant", ["dynamic-smooth-bias", "static-smooth-bias"])
-@pytest.mark.parametrize(
-    ("split_k", "prequantize"), [(2, False), (3, False), (8, False), (1, True), (3, True)]
-)
+@pytest.mark.parametrize(("split_k", "prequantize"), [(2, False), (3, False), (8, False), (1, True), (3, True)])
 def test_w8a8_split_k_and_prequantize(split_k, prequantize, variant, device):
     # Split-K partials are int32 and summed exactly, so every split must give the unsplit result.
     o = _operands(16, 257, 130, torch.bfloat16, device)
     args = _w8a8_args(o, variant)
     config = _config(16, 64, 64)
-    y = tk.w8a8_linear(
-        o["x"], o["q"], o["s"], **args, split_k=split_k, prequantize=prequantize, config=config
-    )
+    y = tk.w8a8_linear(o["x"], o["q"], o["s"], **args, split_k=split_k, prequantize=prequantize, config=config)
     _check_w8a8(y, o, args, torch.bfloat16)
     assert torch.equal(y, tk.w8a8_linear(o["x"], o["q"], o["s"], **args, config=config))
 
