@@ -84,15 +84,17 @@ def calibrate(
 def _plan_smoothing(
     model: nn.Module, targets: dict[str, nn.Module], stats: ActStats, config: QuantConfig
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Fold SmoothQuant into norms where mapped; return smoothed weights and run-time pre-scales.
+    """Fold SmoothQuant into norms where mapped; return per-layer scales and run-time pre-scales.
 
-    Returns ``(weights, smooth_inv)``: fp32 ``[out, in]`` weights for the targets whose weight
-    changed, and ``1/s`` for targets that keep a run-time pre-scale. ``stats`` is updated in place to
-    describe the smoothed activations (``amax / s``).
+    Returns ``(scales, smooth_inv)``: for each target whose weight must be smoothed, ``s`` (fp32
+    ``[in]``, the weight's input columns are multiplied by it at quantization time), and ``1/s`` for
+    the targets that keep a run-time pre-scale. Scales rather than smoothed weights are returned so
+    that only one layer's fp32 weight exists at a time (an 8B model's would take 28 GB).
+    ``stats`` is updated in place to describe the smoothed activations (``amax / s``).
     """
     spec = arch.spec_for(getattr(model.config, "model_type", ""))
     modules = dict(model.named_modules())
-    weights: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
     smooth_inv: dict[str, torch.Tensor] = {}
     covered: set[str] = set()
 
@@ -115,22 +117,21 @@ def _plan_smoothing(
                 s = smoothing_scale(act_amax, w_amax.amax(dim=0), config.alpha)
                 fold_into_norm(modules[norm_name], s, spec.norm_offset)
                 for n in linear_names:
-                    w = weight_out_in(modules[n]).detach().float() * s[None, :]
                     if n in targets:
-                        weights[n] = w
+                        scales[n] = s
                         covered.add(n)
                         stats[n] = stats[n] / s
                     else:  # not quantized, but it reads the rescaled norm output: keep it exact
-                        weight_out_in(modules[n]).copy_(w.to(modules[n].weight.dtype))
+                        w = weight_out_in(modules[n])
+                        w.copy_((w.float() * s[None, :]).to(w.dtype))
             break  # one layout per decoder layer
 
     if config.fallback_smoothing:
         for n, m in targets.items():
             if n in covered or n not in stats:
                 continue
-            w = weight_out_in(m).detach().float()
-            s = smoothing_scale(stats[n], w.abs().amax(dim=0), config.alpha)
-            weights[n] = w * s[None, :]
+            s = smoothing_scale(stats[n], weight_out_in(m).detach().abs().amax(dim=0).float(), config.alpha)
+            scales[n] = s
             smooth_inv[n] = 1.0 / s
             stats[n] = stats[n] / s
     log.info(
@@ -139,7 +140,7 @@ def _plan_smoothing(
         len(smooth_inv),
         len(targets) - len(covered) - len(smooth_inv),
     )
-    return weights, smooth_inv
+    return scales, smooth_inv
 
 
 @torch.no_grad()
@@ -177,10 +178,10 @@ def quantize(
             )
         stats = dict(stats)
 
-    weights: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
     smooth_inv: dict[str, torch.Tensor] = {}
     if config.scheme == "w8a8" and config.smoothing == "smoothquant":
-        weights, smooth_inv = _plan_smoothing(model, targets, stats, config)
+        scales, smooth_inv = _plan_smoothing(model, targets, stats, config)
 
     cls = QUANT_MODULES[config.scheme]
     for name, module in tqdm(targets.items(), desc=f"Quantizing {config.label}", unit="layer", disable=not progress):
@@ -189,7 +190,9 @@ def quantize(
             kwargs["smooth_inv"] = smooth_inv.get(name)
             if config.activations == "per_tensor":
                 kwargs["input_scale"] = abs_max_scale(stats[name].max())
-        qmodule = cls.from_float(module, weights.get(name), **kwargs)
+        # The smoothed fp32 weight exists only while this layer is quantized.
+        weight = weight_out_in(module).detach().float() * scales[name][None, :] if name in scales else None
+        qmodule = cls.from_float(module, weight, **kwargs)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, qmodule)
 

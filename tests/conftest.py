@@ -6,8 +6,15 @@ import importlib.util
 import os
 
 import pytest
+import torch
 import transformers
 from tiny_models import TINY_CONFIGS
+
+# Without a GPU, Triton kernels run on CPU tensors through the interpreter. The variable must be set
+# before any @triton.jit function is defined, i.e. before anything imports triton (some packages
+# the tests import, such as compressed-tensors, do so), so it is set here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(params=sorted(TINY_CONFIGS))

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import quantkit
-from quantkit import QuantConfig, evaluate
+from quantkit import evaluate
 from quantkit.pipeline import DEFAULT_VARIANTS
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import torch
 from tiny_models import make_tiny
 
 from quantkit import QuantConfig, arch, select_targets
-from quantkit.nn import FLOAT_LINEARS
+from quantkit.nn import FLOAT_LINEARS, weight_out_in
 from quantkit.quantize import _plan_smoothing
 from quantkit.smooth import smoothing_scale
 
@@ -23,10 +23,11 @@ def _random_stats(targets, seed=0):
     }
 
 
-def _apply_plan_in_float(model, weights, smooth_inv):
-    """Write smoothed weights back into the float layers and apply pre-scales with hooks."""
-    for name, w in weights.items():
+def _apply_plan_in_float(model, scales, smooth_inv):
+    """Scale the float layers' input columns as quantize() would, and apply pre-scales with hooks."""
+    for name, s in scales.items():
         m = model.get_submodule(name)
+        w = weight_out_in(m).detach() * s[None, :]
         m.weight.data.copy_(w.T if FLOAT_LINEARS[type(m).__name__].transposed else w)
     for name, inv in smooth_inv.items():
         model.get_submodule(name).register_forward_pre_hook(lambda _m, args, inv=inv: (args[0] * inv,))
@@ -42,12 +43,12 @@ def test_smoothing_preserves_float_outputs(tiny_arch, fallback):
     targets = select_targets(model, config)
     stats = _random_stats(targets)
     with torch.no_grad():
-        weights, smooth_inv = _plan_smoothing(model, targets, stats, config)
-        _apply_plan_in_float(model, weights, smooth_inv)
+        scales, smooth_inv = _plan_smoothing(model, targets, stats, config)
+        _apply_plan_in_float(model, scales, smooth_inv)
         after = model(input_ids=ids).logits
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
     # The table must actually map this architecture: some layers folded into norms.
-    folded = len(weights) - len(smooth_inv)
+    folded = len(scales) - len(smooth_inv)
     assert folded >= 2 * model.config.num_hidden_layers, f"{tiny_arch}: only {folded} layers folded"
     assert bool(smooth_inv) == fallback
 
