@@ -9,10 +9,12 @@ Typical use::
     quantkit.save(model, "smollm2-w8a8", tokenizer)
 
     model = quantkit.load("smollm2-w8a8")                         # in an inference service
+    # or, after `import quantkit`: AutoModelForCausalLM.from_pretrained("smollm2-w8a8")
 """
 
 __version__ = "0.1.0"
 
+from . import _hf_hook
 from .checkpoint import load, read_quant_config, save
 from .config import QuantConfig
 from .errors import QuantkitError
@@ -31,3 +33,6 @@ __all__ = [
     "save",
     "select_targets",
 ]
+
+# Make AutoModelForCausalLM.from_pretrained load quantkit checkpoints (cheap; see quantkit._hf_hook).
+_hf_hook.install()

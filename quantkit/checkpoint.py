@@ -75,9 +75,10 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool =
     Example:
         >>> quantkit.save(model, "smollm2-w8a8", tokenizer)
     """
-    if not isinstance(getattr(model.config, "quantization_config", None), dict):
-        raise QuantkitError("model is not quantized by quantkit; call quantkit.quantize() first")
-    QuantConfig.from_dict(model.config.quantization_config)  # validate before writing anything
+    QuantConfig.from_dict(quant_config_dict(model))  # validate before writing anything
+    # config.dtype is what from_pretrained(dtype="auto") and servers load in; model.to() does not
+    # update it, so record the dtype the float tensors really have.
+    model.config.dtype = float_dtype(model)
     with atomic_output_dir(out, overwrite) as tmp:
         save_file(_dedup_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
@@ -87,6 +88,25 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool =
             tokenizer.save_pretrained(tmp)
     log.info("wrote %s", out)
     return Path(out)
+
+
+def quant_config_dict(model: nn.Module) -> dict:
+    """The model's quantkit ``quantization_config`` block, however it was loaded.
+
+    ``quantkit.quantize``/``quantkit.load`` keep it as a dict; ``from_pretrained`` as a
+    :class:`~quantkit.hf_integration.QuantkitHfConfig`, whose ``to_dict()`` is that same dict.
+    """
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict) and hasattr(qc, "to_dict"):
+        qc = qc.to_dict()
+    if not isinstance(qc, dict) or qc.get("quant_method") != "quantkit":
+        raise QuantkitError("model is not quantized by quantkit; call quantkit.quantize() first")
+    return qc
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's float parameters (its embeddings, norms, unquantized layers)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -125,9 +145,11 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     Args:
         path: a folder written by :func:`save` (or ``quantkit quantize``).
         device: where to put the model.
-        dtype: activation/float-weight dtype; the checkpoint's own dtype by default.
+        dtype: activation/float-weight dtype; the checkpoint's own dtype by default. Quantized
+            layers keep their int8 weights and fp32 scales whatever the dtype.
 
-    The round trip ``save`` -> ``load`` is bit-exact.
+    The round trip ``save`` -> ``load`` is bit-exact. After ``import quantkit``,
+    ``AutoModelForCausalLM.from_pretrained(path, dtype=...)`` gives the same model.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -140,6 +162,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     config = AutoConfig.from_pretrained(path)
     qc_dict = config.quantization_config
     del config.quantization_config  # build the float skeleton, then swap in quantized modules
+    cast = dtype is not None
     dtype = dtype or getattr(config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -163,8 +186,15 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     # Copy each tensor out of the file buffer: safetensors hands back tensors at whatever offset
     # they sit in the file (8 mod 64 here), and torch's AVX-512 int8 kernels crash on such
     # misaligned weights. clone() gets 64-byte-aligned memory from torch's allocator.
+    # Float tensors follow ``dtype`` (as from_pretrained casts them), except the quantized layers'
+    # fp32 scales, which the skeleton declares fp32.
+    keep = {f"{n}.{b}" for n in qconfig.modules for b in ("weight_scale", "smooth_inv", "input_scale")}
     with safe_open(str(weights), framework="pt") as f:
-        state = {k: f.get_tensor(k).clone() for k in f.keys()}
+        state = {}
+        for k in f.keys():
+            t = f.get_tensor(k)
+            recast = cast and t.is_floating_point() and k not in keep and t.dtype != dtype
+            state[k] = t.to(dtype) if recast else t.clone()  # either way a fresh, aligned copy
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
         raise QuantkitError(f"{weights} has tensors the model does not: {result.unexpected_keys[:3]}")

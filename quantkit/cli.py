@@ -1,4 +1,7 @@
-"""Command line: ``quantkit {run,quantize,calibrate,eval,report} ...``; ``quantkit CMD --help`` explains each."""
+"""Command line: ``quantkit {run,quantize,calibrate,eval,report,inspect} ...``.
+
+``quantkit CMD --help`` explains each.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ _EPILOG = """examples:
   quantkit run                                      # default model: quantize, evaluate, report
   quantkit quantize smollm2-135m --scheme w8a8 --out smollm2-w8a8
   quantkit quantize ./my-llama --scheme w8a16 --out my-llama-w8a16
+  quantkit quantize smollm2-135m --format compressed-tensors --out smollm2-w8a8-ct   # then: vllm serve smollm2-w8a8-ct
   quantkit eval smollm2-w8a8 --baseline smollm2-135m --out w8a8.json
-  quantkit report w8a8.json --out report.md
+  quantkit report w8a8.json --out report.md                  # also writes report.html
+  quantkit inspect smollm2-w8a8
 """
 
 
@@ -99,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="dtype of the non-quantized parts (default: the model's own)",
     )
+    p.add_argument(
+        "--format",
+        choices=["quantkit", "compressed-tensors"],
+        default="quantkit",
+        help="quantkit: quantkit's checkpoint (quantkit.load, or from_pretrained after 'import quantkit'); "
+        "compressed-tensors: the layout vLLM serves (vllm serve DIR); SmoothQuant's run-time pre-scales are "
+        "folded into the preceding layers where exact (default: quantkit)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     _add_calibration(p)
     _add_common(p)
@@ -130,11 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "report",
-        help="turn results JSON files into a side-by-side Markdown report",
-        description="Combine results files from 'quantkit eval' or 'quantkit run' into one Markdown report.",
+        help="turn results JSON files into a side-by-side Markdown report and an HTML page with plots",
+        description="Combine results files from 'quantkit eval' or 'quantkit run' into one Markdown report and one "
+        "self-contained HTML page (comparison table, perplexity vs size, speed ratios, per-layer error).",
     )
     p.add_argument("results", nargs="+", type=Path, help="results JSON files")
     p.add_argument("--out", type=Path, required=True, help="Markdown file to write")
+    p.add_argument("--html", type=Path, help="HTML file to write (default: --out with the suffix .html)")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "inspect",
+        help="describe a checkpoint (scheme, layers, bytes, version, consistency) without loading it",
+        description="Read a checkpoint's config.json and safetensors headers (no weights) and print what it is: "
+        "scheme, layers quantized and skipped, bytes by kind, the tool version that wrote it, and whether the "
+        "tensors on disk match its config. Exit status 1 if they do not.",
+    )
+    p.add_argument("checkpoint", type=Path, help="checkpoint folder (quantkit or compressed-tensors)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_common(p)
     return parser
 
@@ -167,7 +193,7 @@ def _cmd_run(args, progress: bool) -> None:
         progress=progress,
     )
     print((args.out / "report.md").read_text())
-    log.info("wrote %s (checkpoints, results.json, report.md)", args.out)
+    log.info("wrote %s (checkpoints, results.json, report.md, report.html)", args.out)
 
 
 def _cmd_quantize(args, progress: bool) -> None:
@@ -191,6 +217,10 @@ def _cmd_quantize(args, progress: bool) -> None:
     check_output_dir(args.out, args.overwrite)  # before any long work
     # Load in fp32 so calibration statistics are not rounded to bf16, then cast to the serving dtype.
     model, tokenizer, path = load_float(args.model, dtype=torch.float32, progress=progress)
+    if args.format == "compressed-tensors":
+        from .export import check_exportable
+
+        check_exportable(model, config)  # before calibration
     stats = None
     if config.needs_calibration:
         if args.stats:
@@ -206,6 +236,13 @@ def _cmd_quantize(args, progress: bool) -> None:
                 progress=progress,
             )
     model.to(native_dtype(path) if args.dtype == "auto" else getattr(torch, args.dtype))
+    if args.format == "compressed-tensors":
+        from .export import quantize_for_export, save_compressed_tensors
+
+        quantize_for_export(model, config, stats, progress=progress)
+        save_compressed_tensors(model, args.out, tokenizer, overwrite=args.overwrite)
+        log.info("wrote %s (%s, compressed-tensors; serve with: vllm serve %s)", args.out, config.label, args.out)
+        return
     quantize(model, config, stats, progress=progress)
     save(model, args.out, tokenizer, overwrite=args.overwrite)
     log.info("wrote %s (%s)", args.out, config.label)
@@ -245,16 +282,34 @@ def _cmd_eval(args, progress: bool) -> None:
         measure_speed=not args.no_speed,
         progress=progress,
     )
+    from .layer_error import attach_layer_errors
+
+    attach_layer_errors(
+        results, args.baseline, {c.name: c for c in args.checkpoints}, text=args.text, progress=progress
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     log.info("wrote %s", args.out)
 
 
 def _cmd_report(args, progress: bool) -> None:
+    from .html_report import write_html
     from .report import read_results, write_markdown
 
-    write_markdown(read_results(args.results), args.out)
-    log.info("wrote %s", args.out)
+    results = read_results(args.results)
+    write_markdown(results, args.out)
+    html = write_html(results, args.html or args.out.with_suffix(".html"), titles=[str(p) for p in args.results])
+    log.info("wrote %s and %s", args.out, html)
+
+
+def _cmd_inspect(args, progress: bool) -> int:
+    from .inspect_checkpoint import format_text, inspect
+
+    if not args.checkpoint.is_dir():
+        raise QuantkitError(f"checkpoint {args.checkpoint} not found")
+    info = inspect(args.checkpoint)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else format_text(info))
+    return 0 if info.consistent else 1
 
 
 _COMMANDS = {
@@ -263,6 +318,7 @@ _COMMANDS = {
     "calibrate": _cmd_calibrate,
     "eval": _cmd_eval,
     "report": _cmd_report,
+    "inspect": _cmd_inspect,
 }
 
 
@@ -270,14 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = _setup_logging(args)
     try:
-        _COMMANDS[args.command](args, progress)
+        rc = _COMMANDS[args.command](args, progress)
     except QuantkitError as e:
         print(f"quantkit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("quantkit: interrupted; no partial output was left behind", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ def run_default_job(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Calibrate once, write every default variant, evaluate them all, write the report."""
+    from .html_report import write_html
+    from .layer_error import attach_layer_errors
     from .report import write_markdown
 
     check_output_dir(out, overwrite)
@@ -155,7 +157,9 @@ def run_default_job(
             "samples": n_samples,
             "seq_len": seq_len,
         }
+        attach_layer_errors(results, path, checkpoints, progress=progress)  # per-layer plot of report.html
         results["wall_seconds"] = round(time.time() - t0, 1)
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
         write_markdown([results], tmp / "report.md")
+        write_html([results], tmp / "report.html", titles=[f"{model} ({out.name})"])
     return results

@@ -57,6 +57,8 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
     for results in all_results:
         proto = results["protocol"]
         env = results["environment"]
+        rows = table_rows(results)
+        with_mem = any("peak_memory_bytes" in r.get("speed", {}) for r in rows)
         lines += [
             f"Perplexity: {proto['windows']} windows x {proto['window']} tokens of {proto['text']} "
             f"({proto['tokens_scored']} tokens scored, {proto['perplexity_dtype']} activations). "
@@ -64,21 +66,26 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
             f"on {proto['device']}.",
             "",
             "| variant | perplexity | drift | linear weights | vs bf16 | checkpoint | prefill tok/s | "
-            "x bf16 | x fp32 | decode tok/s | x bf16 | x fp32 |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "x bf16 | x fp32 | decode tok/s | x bf16 | x fp32 |" + (" peak memory |" if with_mem else ""),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_mem else ""),
         ]
-        for r in table_rows(results):
+        for r in rows:
             sp = r.get("speed", {})
 
             def ratio(key: str, row=r) -> str:
                 return f"{row[key]:.2f}x" if key in row else "—"
 
+            def tok_s(key: str, fmt: str, sp=sp) -> str:
+                return format(sp[key], fmt) if key in sp else "—"
+
             drift = f"{r['drift_pct']:+.2f}%" if "drift_pct" in r else "baseline" if r["kind"] == "float" else "—"
+            mem = f" {_mib(sp.get('peak_memory_bytes'))} |" if with_mem else ""
             lines.append(
                 f"| {r['name']} | {r['perplexity']:.3f} | {drift} | {_mib(r['weight_bytes']['linear'])} | "
                 f"{r.get('linear_bytes_vs_bf16', 0) * 100:.1f}% | {_mib(r.get('checkpoint_bytes'))} | "
-                f"{sp.get('prefill_tok_s', 0):.0f} | {ratio('prefill_tok_s_vs_bf16')} | {ratio('prefill_tok_s_vs_fp32')} | "
-                f"{sp.get('decode_tok_s', 0):.1f} | {ratio('decode_tok_s_vs_bf16')} | {ratio('decode_tok_s_vs_fp32')} |"
+                f"{tok_s('prefill_tok_s', '.0f')} | {ratio('prefill_tok_s_vs_bf16')} | "
+                f"{ratio('prefill_tok_s_vs_fp32')} | {tok_s('decode_tok_s', '.1f')} | "
+                f"{ratio('decode_tok_s_vs_bf16')} | {ratio('decode_tok_s_vs_fp32')} |{mem}"
             )
         lines += [
             "",

@@ -1,0 +1,392 @@
+"""Export to the compressed-tensors layout that vLLM loads.
+
+vLLM serves INT8 checkpoints written in the ``compressed-tensors`` format (what llm-compressor
+writes): ``config.json`` carries a ``quantization_config`` with ``quant_method: "compressed-tensors"``
+and each quantized ``nn.Linear`` stores
+
+* W8A8 (``format: "int-quantized"``): ``weight`` int8 ``[out, in]``, ``weight_scale`` ``[out, 1]``
+  (per output channel), optional ``input_scale`` ``[1]`` for static per-tensor activations; dynamic
+  per-token activation scales otherwise.
+* W8A16 (``format: "pack-quantized"``): ``weight_packed`` int32 ``[out, ceil(in / 4)]`` holding four
+  unsigned bytes ``q + 128`` (lane ``i`` shifted left by ``8 * i``), ``weight_scale`` ``[out, 1]`` and
+  ``weight_shape`` int64 ``[2]``.
+
+Scales are stored in the model's float dtype, as llm-compressor does (vLLM's W8A16 kernels keep them
+in that dtype; its W8A8 kernels read them into fp32, which is exact). So that the checkpoint holds
+*exactly* what quantkit computes, :func:`quantize_for_export` rounds each scale to that dtype and
+keeps quantkit's int8 values; the quantized model in memory then computes with the rounded scales
+too: it *is* the exported model. (For bf16 a scale moves by at most 2^-8 of itself, so
+``round(q * scale / rounded) == q``: the int8 values are still the nearest ones to the dequantized
+weights, though not always to the original float weights; requantizing from those would need the
+scale dtype inside :func:`quantkit.quantize`.)
+
+SmoothQuant's run-time pre-scale (``smooth_inv``: ``o_proj``/``down_proj`` have no norm to fold
+their smoothing into) has no representation in compressed-tensors. :func:`quantize_for_export`
+moves it, in float and before quantization, into the layer that produces that input, where that is
+exact (:data:`PRODUCERS`), and quantizes without run-time pre-scales:
+
+* ``up_proj -> down_proj``: ``down``'s input is ``act(gate(x)) * up(x)``, linear in ``up``'s output
+  rows, so dividing row ``j`` of ``up_proj`` (and its bias) by ``s_j`` divides input ``j`` of
+  ``down_proj`` by ``s_j``. Same for a ReLU MLP (OPT ``fc1 -> fc2``): ``relu(x / s) = relu(x) / s``
+  for ``s > 0``. Not for GELU MLPs (GPT-2, Falcon): those layers stay unsmoothed.
+* ``v_proj -> o_proj``: attention output is a weighted sum of value rows, so each ``o_proj`` input
+  channel ``(head h, dim d)`` is linear in ``v_proj`` output ``(kv_head(h), d)``. With grouped-query
+  attention several query heads share one value head, so ``s`` must be equal across them: it is
+  computed from the maximum activation and weight statistics over the heads of a group.
+
+Row scaling costs nothing in the producer: its weight is quantized per output row, and scaling a
+row rescales that row's int8 scale only. Everything else (norm-folded SmoothQuant) is already
+invisible at load time, so vLLM needs nothing beyond the standard scheme.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .calibration import ActStats
+from .checkpoint import WEIGHTS_NAME, _dedup_state_dict, atomic_output_dir, float_dtype, quant_config_dict
+from .config import QuantConfig
+from .errors import QuantkitError
+from .nn import FLOAT_LINEARS, W8A8Linear, W8A16Linear, weight_out_in
+from .quantize import quantize, select_targets
+from .smooth import smoothing_scale
+
+log = logging.getLogger(__name__)
+
+CT_FORMAT = {"w8a8": "int-quantized", "w8a16": "pack-quantized"}
+# Written next to config.json: how quantkit made the export (config.json's quantization_config
+# block belongs to compressed-tensors, whose schema forbids extra keys in places).
+PROVENANCE_NAME = "quantkit_export.json"
+
+
+@dataclass(frozen=True)
+class Producer:
+    """``consumer``'s input channels are ``producer``'s last output rows, through a function that is
+    linear in each of those rows (a gate product, ReLU or attention).
+
+    ``heads``: the consumer reads ``num_attention_heads`` heads built from ``num_key_value_heads``
+    value heads (attention: value rows -> output projection); otherwise channel ``j`` of the
+    consumer is row ``j`` of the producer's last ``in_features`` rows.
+    """
+
+    producer: str
+    consumer: str
+    heads: bool = False
+    # Config attributes that must have these values (e.g. OPT's MLP only for ReLU).
+    requires: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_GATED = (Producer("self_attn.v_proj", "self_attn.o_proj", heads=True), Producer("mlp.up_proj", "mlp.down_proj"))
+
+# Per-architecture knowledge, as data (names relative to the decoder layer). Fused layers: the value
+# rows are the last rows of Phi-3's qkv_proj, the up rows the last half of its gate_up_proj.
+# Unknown architectures, GPT-2 and Falcon (GELU MLPs, fused and interleaved qkv): no producers.
+PRODUCERS: dict[str, tuple[Producer, ...]] = {
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma": _GATED,
+    "gemma2": _GATED,
+    "gemma3": _GATED,
+    "gemma3_text": _GATED,
+    "phi3": (
+        Producer("self_attn.qkv_proj", "self_attn.o_proj", heads=True),
+        Producer("mlp.gate_up_proj", "mlp.down_proj"),
+    ),
+    "opt": (
+        Producer("self_attn.v_proj", "self_attn.out_proj", heads=True),
+        Producer("fc1", "fc2", requires={"activation_function": "relu"}),
+    ),
+}
+
+
+def check_exportable(model: nn.Module, config: QuantConfig) -> None:
+    """Raise :class:`QuantkitError` if ``config`` on ``model`` cannot be written as compressed-tensors."""
+    transposed = [n for n, m in select_targets(model, config).items() if FLOAT_LINEARS[type(m).__name__].transposed]
+    if transposed:
+        raise QuantkitError(
+            f"{getattr(model.config, 'model_type', 'this model')} stores its linear layers transposed "
+            f"(GPT-2 Conv1D, e.g. {transposed[0]}); compressed-tensors and vLLM expect nn.Linear [out, in] "
+            "weights, so this model can only be written in quantkit's format (--format quantkit)"
+        )
+
+
+def export_config(config: QuantConfig) -> QuantConfig:
+    """The config :func:`quantize_for_export` quantizes with: no run-time pre-scales."""
+    return dataclasses.replace(config, fallback_smoothing=False)
+
+
+@torch.no_grad()
+def fold_pre_scales(model: nn.Module, stats: ActStats, config: QuantConfig) -> tuple[ActStats, list[str]]:
+    """Move SmoothQuant's would-be run-time pre-scales into the layers producing those inputs.
+
+    For every :data:`PRODUCERS` pair that ``config`` quantizes on both sides, ``s`` is computed as
+    SmoothQuant does (``max|X|^alpha / max|W|^(1 - alpha)``, tied across query heads that share a
+    value head), the producer's rows (and bias) are divided by ``s`` and the consumer's input
+    columns multiplied by it. The float function is unchanged up to rounding.
+
+    The two weights become fp32 parameters (the smoothed weight is quantized without an
+    intermediate rounding to bf16, as for norm-folded smoothing): call :func:`quantize` right after,
+    which replaces both layers. :func:`quantize_for_export` does.
+
+    Returns:
+        ``(stats, consumers)``: statistics describing the smoothed inputs (a new dict; the input is
+        not modified), and the names of the consumers that were smoothed.
+    """
+    stats = dict(stats)
+    targets = select_targets(model, config)
+    pairs = [p for p in PRODUCERS.get(getattr(model.config, "model_type", ""), ()) if _requires_hold(p, model.config)]
+    modules = dict(model.named_modules())
+    done = []
+    for prefix in list(modules):
+        for p in pairs:
+            prod_name, cons_name = f"{prefix}.{p.producer}", f"{prefix}.{p.consumer}"
+            if cons_name not in targets or prod_name not in targets or cons_name not in stats:
+                continue
+            producer, consumer = modules[prod_name], modules[cons_name]
+            w_cons = weight_out_in(consumer).float()
+            w_prod = weight_out_in(producer).float()
+            rows = _producer_rows(p, model.config, w_cons.shape[1], w_prod.shape[0], cons_name)
+            first = int(rows.min())
+            local = rows - first
+            n = int(local.max()) + 1
+            # Tie s across consumer channels that read the same producer row (GQA): take the max
+            # activation and weight statistic over them, then smooth as usual.
+            act = torch.zeros(n).scatter_reduce(0, local, stats[cons_name].float(), "amax", include_self=False)
+            w_amax = torch.zeros(n).scatter_reduce(0, local, w_cons.abs().amax(dim=0), "amax", include_self=False)
+            s_rows = smoothing_scale(act, w_amax, config.alpha)
+            s = s_rows[local]
+            w_prod[first : first + n] /= s_rows[:, None]
+            _set_weight(producer, w_prod)
+            bias = getattr(producer, "bias", None)
+            if bias is not None:
+                bias[first : first + n] = (bias[first : first + n].float() / s_rows).to(bias.dtype)
+            _set_weight(consumer, w_cons * s[None, :])
+            stats[cons_name] = stats[cons_name] / s
+            done.append(cons_name)
+    return stats, done
+
+
+def _set_weight(module: nn.Module, w_out_in: torch.Tensor) -> None:
+    """Replace a float layer's weight by an fp32 ``[out, in]`` tensor, in the layer's own layout."""
+    w = w_out_in.T if FLOAT_LINEARS[type(module).__name__].transposed else w_out_in
+    module.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+
+
+def _requires_hold(p: Producer, config: Any) -> bool:
+    return all(getattr(config, k, None) == v for k, v in p.requires.items())
+
+
+def _producer_rows(p: Producer, config: Any, consumer_in: int, producer_out: int, name: str) -> torch.Tensor:
+    """For each consumer input channel, the producer output row it is linear in."""
+    if not p.heads:
+        if consumer_in > producer_out:
+            raise QuantkitError(f"{name}: expected at most {producer_out} inputs from {p.producer}, got {consumer_in}")
+        return torch.arange(consumer_in) + (producer_out - consumer_in)
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = consumer_in // n_heads
+    if head_dim * n_heads != consumer_in or n_heads % n_kv or n_kv * head_dim > producer_out:
+        raise QuantkitError(f"{name}: cannot map {consumer_in} attention channels onto {n_kv} value heads")
+    c = torch.arange(consumer_in)
+    value_head = (c // head_dim) // (n_heads // n_kv)
+    return (producer_out - n_kv * head_dim) + value_head * head_dim + c % head_dim
+
+
+def quantize_for_export(
+    model: nn.Module, config: QuantConfig, stats: ActStats | None = None, *, progress: bool = True
+) -> nn.Module:
+    """Quantize a float model in place into exactly what a compressed-tensors checkpoint can hold.
+
+    Pre-scales are folded into producing layers (see the module docstring), the model is quantized
+    with ``fallback_smoothing=False``, and every scale is rounded to the model's float dtype
+    (:func:`round_scales`). Call it on the model in its serving dtype (after ``.to(bfloat16)``).
+
+    Example:
+        >>> stats = quantkit.calibrate(model, tokenizer)
+        >>> quantize_for_export(model, QuantConfig(scheme="w8a8"), stats)
+        >>> save_compressed_tensors(model, "smollm2-w8a8-ct", tokenizer)
+    """
+    check_exportable(model, config)
+    if config.scheme == "w8a8" and config.smoothing == "smoothquant" and config.fallback_smoothing:
+        if stats is None:
+            raise QuantkitError(f"{config.label} needs calibration statistics: run quantkit.calibrate() first")
+        stats, folded = fold_pre_scales(model, stats, config)
+        log.info("compressed-tensors export: %d run-time pre-scales folded into producing layers", len(folded))
+    quantize(model, export_config(config), stats, progress=progress)
+    round_scales(model)
+    return model
+
+
+@torch.no_grad()
+def round_scales(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Round every quantized module's scales to ``dtype`` (the model's float dtype), keeping int8 values.
+
+    Raises :class:`QuantkitError` if a scale would lose more than 2^-8 of its value (fp16 subnormals:
+    weights below ~8e-3 in a whole channel), where the int8 values would no longer fit the scale.
+    """
+    dtype = dtype or float_dtype(model)
+    for name, m in _quant_modules(model):
+        for attr in ("weight_scale", "input_scale"):
+            s = getattr(m, attr, None)
+            if s is None:
+                continue
+            r = s.to(dtype).float()
+            if not torch.all(((r - s).abs() <= s.abs() * 2**-8) & torch.isfinite(r) & (r > 0)):
+                raise QuantkitError(
+                    f"{name}.{attr} cannot be stored in {dtype} without changing the int8 grid; "
+                    "quantize in bfloat16 or float32 (--dtype)"
+                )
+            setattr(m, attr, r)
+
+
+def _quant_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (W8A8Linear, W8A16Linear))]
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 ``[out, in]`` -> int32 ``[out, ceil(in / 4)]``: lane ``i`` of a word is ``q[4k + i] + 128``
+    shifted left by ``8 * i`` (compressed-tensors' ``pack_to_int32`` for 8 bits). Missing lanes are 0."""
+    out, cols = q.shape
+    u = q.to(torch.int64) + 128  # unsigned byte
+    u = torch.nn.functional.pad(u, (0, (-cols) % 4)).view(out, -1, 4)
+    word = u[..., 0] | (u[..., 1] << 8) | (u[..., 2] << 16) | (u[..., 3] << 24)
+    # Two's complement: words with the top lane >= 128 are negative int32 values.
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32).contiguous()
+
+
+def unpack_int8(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int8`."""
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    lanes = torch.stack([(w >> (8 * i)) & 0xFF for i in range(4)], dim=-1).view(packed.shape[0], -1)
+    return (lanes[:, :cols] - 128).to(torch.int8)
+
+
+def ct_quantization_config(qconfig: QuantConfig, ignore: list[str]) -> dict[str, Any]:
+    """The ``quantization_config`` block of ``config.json`` for ``qconfig``."""
+    weights = {
+        "num_bits": 8,
+        "type": "int",
+        "symmetric": True,
+        "group_size": None,
+        "strategy": "channel",
+        "dynamic": False,
+    }
+    acts = None
+    if qconfig.scheme == "w8a8":
+        static = qconfig.activations == "per_tensor"
+        acts = {
+            "num_bits": 8,
+            "type": "int",
+            "symmetric": True,
+            "group_size": None,
+            "strategy": "tensor" if static else "token",
+            "dynamic": not static,
+        }
+    fmt = CT_FORMAT[qconfig.scheme]
+    block = {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": acts,
+                "output_activations": None,
+                "format": fmt,
+            }
+        },
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
+    try:  # informational: the compressed-tensors version this layout was checked against, if installed
+        block["version"] = importlib.metadata.version("compressed-tensors")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return block
+
+
+def compressed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors in compressed-tensors names and layouts (no copy of float tensors)."""
+    dtype = float_dtype(model)
+    quant = dict(_quant_modules(model))
+    state = {}
+    for key, t in _dedup_state_dict(model).items():
+        module_name = key.rpartition(".")[0]
+        if module_name not in quant:
+            state[key] = t
+    for name, m in quant.items():
+        if getattr(m, "smooth_inv", None) is not None:
+            raise QuantkitError(
+                f"{name} has a run-time SmoothQuant pre-scale, which compressed-tensors cannot represent; "
+                "quantize from the float model with --format compressed-tensors (folds it into the previous layer)"
+            )
+        scale = m.weight_scale.to(dtype)
+        if not torch.equal(scale.float(), m.weight_scale):
+            raise QuantkitError(f"{name}.weight_scale is not representable in {dtype}; call round_scales() first")
+        state[f"{name}.weight_scale"] = scale[:, None].contiguous()
+        if isinstance(m, W8A16Linear):
+            state[f"{name}.weight_packed"] = pack_int8(m.weight)
+            state[f"{name}.weight_shape"] = torch.tensor(list(m.weight.shape), dtype=torch.int64)
+        else:
+            state[f"{name}.weight"] = m.weight.contiguous()
+            if m.input_scale is not None:
+                state[f"{name}.input_scale"] = m.input_scale.to(dtype).reshape(1)
+        if m.bias is not None:
+            state[f"{name}.bias"] = m.bias.contiguous()
+    return state
+
+
+def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+    """Write a model from :func:`quantize_for_export` as a compressed-tensors checkpoint vLLM can serve.
+
+    Example:
+        >>> save_compressed_tensors(model, "smollm2-w8a8-ct", tokenizer)   # then: vllm serve smollm2-w8a8-ct
+    """
+    qc = quant_config_dict(model)
+    qconfig = QuantConfig.from_dict(qc)
+    if getattr(model.config, "model_type", "") in _TRANSPOSED_MODEL_TYPES:
+        raise QuantkitError(f"{model.config.model_type} uses Conv1D layers; compressed-tensors export needs nn.Linear")
+    state = compressed_state_dict(model)
+    quantized = {n for n, _ in _quant_modules(model)}
+    # Every remaining nn.Linear is named: compressed-tensors targets the class "Linear".
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    config = model.config.to_dict()
+    config["dtype"] = str(float_dtype(model)).removeprefix("torch.")  # model.to() leaves config.dtype stale
+    config["quantization_config"] = ct_quantization_config(qconfig, ignore)
+    provenance = {
+        "tool": "quantkit",
+        "quantkit_config": qc,
+        "scale_dtype": str(float_dtype(model)).removeprefix("torch."),
+        "smoothing": (
+            "SmoothQuant folded into norms, and into producing layers where exact (no run-time pre-scales)"
+            if qconfig.scheme == "w8a8" and qconfig.smoothing == "smoothquant"
+            else "none"
+        ),
+    }
+    with atomic_output_dir(out, overwrite) as tmp:
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    log.info("wrote %s (compressed-tensors %s)", out, CT_FORMAT[qconfig.scheme])
+    return Path(out)
+
+
+_TRANSPOSED_MODEL_TYPES = ("gpt2",)

@@ -1,0 +1,151 @@
+"""transformers integration: ``AutoModelForCausalLM.from_pretrained`` loads quantkit checkpoints.
+
+``import quantkit`` registers the quantization method ``"quantkit"`` (the ``quant_method`` of the
+``quantization_config`` that :func:`quantkit.save` writes) with transformers' quantizer registry:
+importing this module registers it, and :mod:`quantkit._hf_hook` imports this module as soon as
+transformers' registry is imported (not before: that import is slow). From then on::
+
+    import quantkit  # noqa: F401  (registers the "quantkit" quantization method)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained("smollm2-w8a8")
+
+builds the model skeleton on the meta device, swaps every layer named in the config's ``modules``
+for quantkit's :class:`~quantkit.nn.W8A8Linear` / :class:`~quantkit.nn.W8A16Linear` (before any
+weight is read, so int8 weights never pass through a float layer) and lets transformers load the
+checkpoint into their buffers. The result computes bit-for-bit what :func:`quantkit.load` gives.
+
+Two properties of transformers' loader matter here and are relied on explicitly:
+
+* float tensors are cast to the dtype of the skeleton's tensor, so the fp32 scale buffers stay fp32
+  while the rest of the model follows ``dtype=``; int8 weights are never cast;
+* the loaded tensors may sit at any offset in memory, so after loading every quantized buffer that
+  is not 64-byte aligned is copied (torch's AVX-512 int8 kernels crash on misaligned weights).
+
+The registry (``register_quantizer``/``register_quantization_config``) and this loading behaviour
+are those of transformers 5; on older versions nothing is registered and :func:`quantkit.load`
+remains the way to load.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import transformers
+import transformers.quantizers.auto as _auto
+from safetensors import safe_open
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ._hf_hook import transformers_supported
+from .config import QUANT_METHOD, QuantConfig
+from .errors import QuantkitError
+from .nn import QUANT_MODULES, make_empty, weight_out_in
+
+log = logging.getLogger(__name__)
+
+
+def supported() -> bool:
+    """Whether this transformers has the quantizer registry and the loader quantkit relies on."""
+    return (
+        transformers_supported()
+        and hasattr(_auto, "register_quantizer")
+        and hasattr(_auto, "register_quantization_config")
+        and hasattr(_auto, "AUTO_QUANTIZER_MAPPING")
+    )
+
+
+class QuantkitHfConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a quantkit checkpoint as transformers sees it.
+
+    Holds the block exactly as written (``to_dict`` gives it back unchanged, so ``save_pretrained``
+    writes the same thing) and the validated :class:`~quantkit.QuantConfig` as ``quant_config``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("quant_method", QUANT_METHOD)
+        self._block = dict(kwargs)
+        self.quant_config = QuantConfig.from_dict(kwargs)  # validates; rejects newer formats
+        self.quant_method = QUANT_METHOD
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._block)
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+
+class QuantkitHfQuantizer(HfQuantizer):
+    """Loads pre-quantized quantkit checkpoints; quantizing on load is not supported (use ``quantkit quantize``)."""
+
+    # Only pre-quantized checkpoints: transformers raises a clear error for pre_quantized=False.
+    requires_calibration = True
+    quantization_config: QuantkitHfConfig
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+        qconfig = self.quantization_config.quant_config
+        keys = _checkpoint_keys(checkpoint_files)
+        dtype = dtype or model.dtype
+        for name in qconfig.modules:
+            try:
+                float_mod = model.get_submodule(name)
+            except AttributeError:
+                raise QuantkitError(f"checkpoint lists quantized module {name}, which this model has not") from None
+            out_f, in_f = weight_out_in(float_mod).shape
+            kw = {}
+            if qconfig.scheme == "w8a8":
+                kw = {"has_smooth": f"{name}.smooth_inv" in keys, "static": f"{name}.input_scale" in keys}
+            q = make_empty(qconfig.scheme, in_f, out_f, f"{name}.bias" in keys, dtype, device="meta", **kw)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, q)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # Copy misaligned quantized buffers into fresh (64-byte aligned) allocations; see module docstring.
+        for module in model.modules():
+            if isinstance(module, tuple(QUANT_MODULES.values())):
+                for name, buf in list(module.named_buffers(recurse=False)):
+                    if buf.device.type == "cpu" and buf.data_ptr() % 64:
+                        setattr(module, name, buf.clone())
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def _checkpoint_keys(checkpoint_files: list[str] | None) -> set[str]:
+    """Tensor names in the checkpoint's safetensors files (headers only)."""
+    keys: set[str] = set()
+    for f in checkpoint_files or []:
+        if not str(f).endswith(".safetensors"):
+            raise QuantkitError(f"quantkit checkpoints are safetensors; got {f}")
+        with safe_open(str(f), framework="pt") as sf:
+            keys.update(sf.keys())
+    return keys
+
+
+def register() -> bool:
+    """Register ``"quantkit"`` with transformers once; return whether it is registered.
+
+    Idempotent (a second call, or a reload of quantkit, leaves the first registration in place).
+    """
+    if not supported():
+        log.debug("transformers %s: quantkit checkpoints load with quantkit.load() only", transformers.__version__)
+        return False
+    if QUANT_METHOD not in _auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        _auto.register_quantization_config(QUANT_METHOD)(QuantkitHfConfig)
+    if QUANT_METHOD not in _auto.AUTO_QUANTIZER_MAPPING:
+        _auto.register_quantizer(QUANT_METHOD)(QuantkitHfQuantizer)
+    return True
+
+
+def registered() -> bool:
+    return supported() and QUANT_METHOD in _auto.AUTO_QUANTIZER_MAPPING
+
+
+register()  # on import: quantkit._hf_hook imports this module when transformers' registry loads

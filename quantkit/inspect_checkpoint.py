@@ -1,0 +1,309 @@
+"""``quantkit inspect DIR``: what a checkpoint is, from its metadata alone.
+
+Reads ``config.json`` and the safetensors *headers* (names, dtypes, shapes; no tensor data) and
+builds the model skeleton on the meta device (no weights) to know every linear layer. Reports the
+scheme, which layers are quantized and which are left in float, the bytes by kind, the tool and
+format version, and whether the tensors on disk are exactly those the config promises.
+
+Both layouts quantkit writes are understood: its own (``quant_method: "quantkit"``) and the
+compressed-tensors export (``quant_method: "compressed-tensors"``), told apart by that field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from torch import nn
+
+from .config import QuantConfig
+from .errors import QuantkitError
+from .export import PROVENANCE_NAME
+from .nn import is_float_linear, weight_out_in
+
+_DTYPE_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
+
+
+@dataclass
+class TensorInfo:
+    dtype: str  # safetensors dtype name: I8, F32, BF16, ...
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _DTYPE_BYTES.get(self.dtype, 0)
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    format: str  # "quantkit" or "compressed-tensors"
+    scheme: str  # human description
+    model_type: str
+    dtype: str
+    tool: str
+    quantized: list[str]
+    skipped: list[str]
+    bytes: dict[str, int]
+    problems: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def consistent(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "consistent": self.consistent}
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Name -> dtype and shape of every tensor in the folder's safetensors files (headers only)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise QuantkitError(f"{path} has no .safetensors files")
+    tensors = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                sl = sf.get_slice(k)
+                tensors[k] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()))
+    return tensors
+
+
+def _skeleton_linears(config_dict: dict[str, Any]) -> dict[str, tuple[int, int]] | None:
+    """``{name: (out, in)}`` of every float linear layer of the architecture, or None if unknown."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = {k: v for k, v in config_dict.items() if k != "quantization_config"}
+    try:
+        config = AutoConfig.for_model(**d)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError, ImportError):
+        return None
+    return {n: tuple(weight_out_in(m).shape) for n, m in model.named_modules() if _is_linear(m)}
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return is_float_linear(m) or isinstance(m, nn.Linear)
+
+
+def inspect(path: str | Path) -> CheckpointInfo:
+    """Describe the checkpoint folder ``path`` without loading its weights."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise QuantkitError(f"{path} has no config.json; is it a model folder?")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError:
+        raise QuantkitError(f"{cfg_file} is not valid JSON") from None
+    qc = config.get("quantization_config")
+    if not isinstance(qc, dict):
+        raise QuantkitError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
+    tensors = read_header(path)
+    linears = _skeleton_linears(config)
+    method = qc.get("quant_method")
+    if method == "quantkit":
+        info = _inspect_quantkit(path, config, qc, tensors, linears)
+    elif method == "compressed-tensors":
+        info = _inspect_compressed_tensors(path, config, qc, tensors, linears)
+    else:
+        raise QuantkitError(f"{path} is quantized with {method!r}, which quantkit does not describe")
+    if linears is None:
+        info.problems.append("architecture unknown to this transformers: shapes and skipped layers not checked")
+    return info
+
+
+def _bytes(tensors: dict[str, TensorInfo], path: Path, is_quant, is_scale) -> dict[str, int]:
+    out = Counter()
+    for name, t in tensors.items():
+        kind = "quantized_weights" if is_quant(name, t) else "scales" if is_scale(name, t) else "float_tensors"
+        out[kind] += t.nbytes
+    out["files"] = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    return {k: out[k] for k in ("quantized_weights", "scales", "float_tensors", "files")}
+
+
+def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
+    problems: list[str] = []
+    try:
+        qconfig = QuantConfig.from_dict(qc)
+    except QuantkitError as e:
+        raise QuantkitError(f"{path}: {e}") from None
+    modules = list(qconfig.modules)
+    pre_scaled = [m for m in modules if f"{m}.smooth_inv" in tensors]
+    static = [m for m in modules if f"{m}.input_scale" in tensors]
+    for m in modules:
+        w, s = tensors.get(f"{m}.weight"), tensors.get(f"{m}.weight_scale")
+        if w is None or w.dtype != "I8" or len(w.shape) != 2:
+            problems.append(f"{m}: no int8 [out, in] weight")
+            continue
+        if linears is not None and linears.get(m) != w.shape:
+            problems.append(f"{m}: weight {list(w.shape)} but the architecture has {list(linears.get(m) or [])}")
+        if s is None or s.dtype != "F32" or s.shape != (w.shape[0],):
+            problems.append(f"{m}: weight_scale is not fp32 [{w.shape[0]}]")
+        if qconfig.scheme == "w8a16" and (m in pre_scaled or m in static):
+            problems.append(f"{m}: W8A16 layer with activation tensors")
+        if qconfig.scheme == "w8a8" and (m in static) != (qconfig.activations == "per_tensor"):
+            problems.append(f"{m}: input_scale {'present' if m in static else 'missing'} for {qconfig.activations}")
+    listed = set(modules)
+    stray = sorted(
+        k.rpartition(".")[0] for k, t in tensors.items() if t.dtype == "I8" and k.rpartition(".")[0] not in listed
+    )
+    if stray:
+        problems.append(f"int8 tensors for layers the config does not list: {stray[:3]}")
+    skipped = [n for n in (linears or {}) if n not in listed]
+    if linears is not None:
+        problems += [f"{m}: not a linear layer of this architecture" for m in modules if m not in linears]
+    quant_suffixes = (".weight_scale", ".smooth_inv", ".input_scale")
+    return CheckpointInfo(
+        path=str(path),
+        format=f"quantkit (format version {qc.get('format_version')})",
+        scheme=qconfig.label,
+        model_type=config.get("model_type", "?"),
+        dtype=str(config.get("dtype") or config.get("torch_dtype") or "?"),
+        tool=f"quantkit {qc.get('tool_version', '?')}",
+        quantized=modules,
+        skipped=skipped,
+        bytes=_bytes(
+            tensors,
+            path,
+            lambda n, t: t.dtype == "I8",
+            lambda n, t: n.endswith(quant_suffixes) and n.rpartition(".")[0] in listed,
+        ),
+        problems=problems,
+        details={
+            "run_time_pre_scales": len(pre_scaled),
+            "static_input_scales": len(static),
+            "exclude": list(qconfig.exclude),
+            "include": list(qconfig.include),
+        },
+    )
+
+
+_CT_PARAMS = {
+    "int-quantized": {"weight": "I8", "weight_scale": None},
+    "pack-quantized": {"weight_packed": "I32", "weight_scale": None, "weight_shape": "I64"},
+}
+
+
+def _inspect_compressed_tensors(path, config, qc, tensors, linears) -> CheckpointInfo:
+    problems: list[str] = []
+    groups = qc.get("config_groups") or {}
+    fmt = qc.get("format")
+    if len(groups) != 1 or fmt not in _CT_PARAMS:
+        problems.append(f"format {fmt!r} with {len(groups)} config groups: only quantkit's exports are checked")
+    group = next(iter(groups.values()), {}) if groups else {}
+    acts = group.get("input_activations")
+    if acts is None:
+        scheme = "W8A16: int8 per-channel weights, float activations"
+    else:
+        how = "dynamic per-token" if acts.get("dynamic") else f"static per-{acts.get('strategy')}"
+        scheme = f"W8A8: int8 per-channel weights, {how} int8 activations"
+    ignore = set(qc.get("ignore") or [])
+    expected = _CT_PARAMS.get(fmt, {})
+    first = next(iter(expected), "weight")
+    found = {
+        k.rpartition(".")[0]
+        for k in tensors
+        if k.endswith(f".{first}") and f"{k[: -len(first)]}weight_scale" in tensors
+    }
+    order = {n: i for i, n in enumerate(linears or {})}  # model order where the architecture is known
+    quantized = sorted(found, key=lambda n: (order.get(n, len(order)), n))
+    for m in quantized:
+        for p, dt in expected.items():
+            t = tensors.get(f"{m}.{p}")
+            if t is None or (dt is not None and t.dtype != dt):
+                problems.append(f"{m}: missing or wrong {p}")
+        s = tensors.get(f"{m}.weight_scale")
+        out_in = (linears or {}).get(m)
+        if out_in and s is not None and s.shape != (out_in[0], 1):
+            problems.append(f"{m}: weight_scale {list(s.shape)}, expected [{out_in[0]}, 1]")
+        if out_in and fmt == "pack-quantized":
+            packed = tensors.get(f"{m}.weight_packed")
+            if packed is not None and packed.shape != (out_in[0], -(-out_in[1] // 4)):
+                problems.append(f"{m}: weight_packed {list(packed.shape)} does not hold {list(out_in)} int8 values")
+        if out_in and fmt == "int-quantized":
+            w = tensors.get(f"{m}.weight")
+            if w is not None and w.shape != out_in:
+                problems.append(f"{m}: weight {list(w.shape)} but the architecture has {list(out_in)}")
+        if acts is not None and not acts.get("dynamic") and f"{m}.input_scale" not in tensors:
+            problems.append(f"{m}: static activations but no input_scale")
+    skipped = sorted(ignore)
+    if linears is not None:
+        unaccounted = [n for n in linears if n not in ignore and n not in quantized]
+        if unaccounted:
+            problems.append(f"linear layers neither quantized nor ignored: {unaccounted[:3]}")
+    provenance = path / PROVENANCE_NAME
+    tool = f"compressed-tensors {qc.get('version', '?')}"
+    if provenance.is_file():
+        made_by = json.loads(provenance.read_text()).get("quantkit_config", {}).get("tool_version", "?")
+        tool = f"quantkit {made_by} ({tool})"
+    q = set(quantized)
+    return CheckpointInfo(
+        path=str(path),
+        format=f"compressed-tensors ({fmt})",
+        scheme=scheme,
+        model_type=config.get("model_type", "?"),
+        dtype=str(config.get("dtype") or config.get("torch_dtype") or "?"),
+        tool=tool,
+        quantized=quantized,
+        skipped=skipped,
+        bytes=_bytes(
+            tensors,
+            path,
+            lambda n, t: n.rpartition(".")[0] in q and n.rpartition(".")[2] in ("weight", "weight_packed"),
+            lambda n, t: n.rpartition(".")[0] in q and n.rpartition(".")[2] in ("weight_scale", "input_scale"),
+        ),
+        problems=problems,
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _by_kind(names: list[str]) -> str:
+    """``q_proj x30, k_proj x30, ...`` in first-seen order."""
+    counts = Counter(n.rpartition(".")[2] for n in names)
+    return ", ".join(f"{k} x{v}" for k, v in counts.items())
+
+
+_DETAIL_LABELS = {
+    "run_time_pre_scales": "pre-scaled",  # layers with a run-time SmoothQuant pre-scale (smooth_inv)
+    "static_input_scales": "static act",  # layers with a static per-tensor activation scale
+}
+
+
+def _layers(n: int) -> str:
+    return f"{n} linear layer{'' if n == 1 else 's'}"
+
+
+def format_text(info: CheckpointInfo) -> str:
+    b = info.bytes
+    lines = [
+        f"{info.path}",
+        f"  format      {info.format}, written by {info.tool}",
+        f"  scheme      {info.scheme}",
+        f"  model       {info.model_type}, float dtype {info.dtype}",
+        f"  quantized   {_layers(len(info.quantized))} ({_by_kind(info.quantized)})",
+        f"  skipped     {_layers(len(info.skipped))}{': ' + ', '.join(info.skipped[:8]) if info.skipped else ''}"
+        f"{' ...' if len(info.skipped) > 8 else ''}",
+        f"  bytes       {_mib(b['files'])} on disk: quantized weights {_mib(b['quantized_weights'])}, "
+        f"scales {_mib(b['scales'])}, float tensors {_mib(b['float_tensors'])}",
+    ]
+    for k, v in info.details.items():
+        if v not in ([], 0):
+            lines.append(f"  {_DETAIL_LABELS.get(k, k):<11} {', '.join(v) if isinstance(v, list) else v}")
+    if info.consistent:
+        lines.append("  consistent  yes: every tensor the config promises is on disk with the right dtype and shape")
+    else:
+        lines.append(f"  consistent  NO ({len(info.problems)} problems)")
+        lines += [f"    - {p}" for p in info.problems[:20]]
+    return "\n".join(lines)
