@@ -11,14 +11,32 @@ Speed protocol: prefill is one forward pass over a ``prefill_tokens`` prompt (to
 length / time); decode is greedy generation with the KV cache, timed as
 ``(t(1 + n new tokens) - t(1 new token)) / n`` so that the prefill is excluded. Each figure is the
 median of ``repeats`` runs after a warm-up run.
+
+Memory protocol (:func:`peak_memory`, Linux only): each model is measured in a fresh Python process,
+so nothing another model allocated or the allocator kept is counted. The process first imports and
+initializes the libraries (it builds the model's skeleton on the meta device, without weights,
+loads quantkit's compiled CPU kernels and runs one small matmul to start the thread pool and BLAS),
+then records its resident set size (RSS) as the baseline. It loads the model, runs one warm-up
+``generate`` (one-time allocations), returns freed heap memory to the OS (``malloc_trim``), resets
+the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the same greedy ``generate`` as the
+decode measurement and reads the peak RSS (``VmHWM``). The figure is peak minus baseline: the
+weights (whether in anonymous memory or mapped from the checkpoint file), KV cache, activations,
+and the kernel code that generating touches, without the interpreter and libraries.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
+import json
 import logging
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +53,8 @@ log = logging.getLogger(__name__)
 DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent.parent / "eval" / "emma.txt"
 DEFAULT_WINDOW = 512
 DEFAULT_WINDOWS = 32
+# Prompt length of the decode measurement (speed and peak memory).
+DECODE_PROMPT_TOKENS = 16
 
 
 def eval_token_ids(tokenizer, text_path: str | Path | None = None) -> torch.Tensor:
@@ -109,8 +129,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations, kernel selection, compilation
+def _timed(fn, device: torch.device, repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()  # first-call allocations, kernel selection, compilation
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -129,12 +150,17 @@ def speed(
     prefill_tokens: int = 512,
     decode_tokens: int = 32,
     repeats: int = 3,
+    warmup: bool = True,
 ) -> dict[str, float]:
-    """Prefill and decode tokens/s for ``model`` (see the protocol in the module docstring)."""
+    """Prefill and decode tokens/s for ``model`` (see the protocol in the module docstring).
+
+    ``warmup=False`` skips the warm-up runs, for callers that interleave several models' runs
+    (``eval/bench_cpu.py``) and have warmed each model up once already.
+    """
     device = next(model.parameters()).device
     prompt = ids[:prefill_tokens][None, :].to(device)
-    t_prefill = _timed(lambda: model(input_ids=prompt, use_cache=False), device, repeats)
-    short = ids[:16][None, :].to(device)
+    t_prefill = _timed(lambda: model(input_ids=prompt, use_cache=False), device, repeats, warmup)
+    short = ids[:DECODE_PROMPT_TOKENS][None, :].to(device)
 
     def gen(n: int):
         return model.generate(
@@ -146,14 +172,134 @@ def speed(
             pad_token_id=0,
         )
 
-    t1 = _timed(lambda: gen(1), device, repeats)
-    tn = _timed(lambda: gen(1 + decode_tokens), device, repeats)
+    t1 = _timed(lambda: gen(1), device, repeats, warmup)
+    tn = _timed(lambda: gen(1 + decode_tokens), device, repeats, warmup)
     return {
         "prefill_tokens": prompt.shape[1],
         "prefill_tok_s": prompt.shape[1] / t_prefill,
         "decode_tokens": decode_tokens,
         "decode_tok_s": decode_tokens / max(tn - t1, 1e-9),
     }
+
+
+PEAK_MEMORY_METHOD = (
+    "peak RSS (VmHWM) during generate() in a fresh process, reset after loading and a warm-up run, "
+    "minus the RSS with libraries initialized before loading the weights"
+)
+
+
+def _status_bytes(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise QuantkitError(f"/proc/self/status has no {field}")
+
+
+def _release_free_heap() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so RSS counts live memory only."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        libc = ctypes.CDLL(libc_name)
+        if hasattr(libc, "malloc_trim"):  # glibc; other C libraries return memory on their own
+            libc.malloc_trim(0)
+
+
+def _peak_memory_child(spec: dict[str, Any]) -> dict[str, int]:
+    """Runs in the fresh process started by :func:`peak_memory`; see the memory protocol above."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .checkpoint import load
+    from .kernels import cpu_fused
+    from .models import load_float
+
+    torch.set_grad_enabled(False)
+    # Building the model skeleton on the meta device (no weights) imports and initializes every
+    # library the real load needs (~200 MiB of RSS for transformers' model code): that belongs to
+    # the baseline, not to the model.
+    config = AutoConfig.from_pretrained(spec["path"])
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        AutoModelForCausalLM.from_config(config)
+    dtype = getattr(torch, spec["dtype"])
+    # Also library costs: quantkit's compiled CPU kernels (loading them imports
+    # torch.utils.cpp_extension, ~4 MiB), and the intra-op thread pool and BLAS, started by one
+    # small matmul. Done for every model alike.
+    cpu_fused.module()
+    torch.nn.functional.linear(torch.ones(64, 256, dtype=dtype), torch.ones(256, 256, dtype=dtype))
+    _release_free_heap()
+    baseline = _status_bytes("VmRSS")
+    if spec["kind"] == "float":
+        model, tokenizer, _ = load_float(spec["path"], dtype=dtype, progress=False)
+        del tokenizer  # not part of the model; freed before the peak is reset
+    else:
+        model = load(spec["path"], dtype=dtype)
+    ids = torch.tensor([spec["prompt"]])
+    n = spec["decode_tokens"]
+
+    def generate() -> None:
+        model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+    generate()
+    _release_free_heap()
+    # Writing "5" resets VmHWM to the current RSS (Linux >= 4.0, see proc(5)).
+    Path("/proc/self/clear_refs").write_text("5")
+    generate()
+    peak = _status_bytes("VmHWM")
+    return {"peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "peak_memory_bytes": peak - baseline}
+
+
+def peak_memory(
+    path: str | Path, *, kind: str, dtype: str, prompt: torch.Tensor, decode_tokens: int = 32, timeout: float = 900
+) -> dict[str, int] | None:
+    """Peak memory of generating with a model, measured in a fresh process (protocol above).
+
+    Args:
+        path: a float model folder (``kind="float"``) or a quantkit checkpoint (``kind="quantized"``).
+        dtype: activation dtype name, e.g. ``"bfloat16"``.
+        prompt: 1-D token ids, the same prompt as the decode measurement.
+
+    Returns:
+        ``{"peak_memory_bytes", "peak_rss_bytes", "baseline_rss_bytes"}``, or None where it cannot be
+        measured (not Linux) or the measuring process failed; the reason is logged.
+    """
+    if not Path("/proc/self/clear_refs").exists():
+        log.warning("peak memory needs Linux's /proc/self/clear_refs; not measured")
+        return None
+    spec = {
+        "kind": kind,
+        "path": str(path),
+        "dtype": dtype,
+        "prompt": [int(t) for t in prompt.reshape(-1)],
+        "decode_tokens": decode_tokens,
+    }
+    code = (
+        "import json, sys; from quantkit.evaluate import _peak_memory_child as f; "
+        "print('QUANTKIT_RESULT ' + json.dumps(f(json.loads(sys.argv[1]))))"
+    )
+    # The child must import this same quantkit, wherever it is installed or checked out.
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    for line in proc.stdout.splitlines():
+        if proc.returncode == 0 and line.startswith("QUANTKIT_RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+    log.error("measuring the peak memory of %s failed (exit %d):\n%s", path, proc.returncode, tail)
+    return None
 
 
 def environment() -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Jobs the CLI runs: evaluate checkpoints against their float baseline, and the whole
 quantize -> evaluate -> report loop on one model.
 
-Everything measured for one results file happens in one process, so speed ratios compare runs on
-the same machine under the same load.
+Speed for one results file is measured in one process, so speed ratios compare runs on the same
+machine under the same load. Peak memory is the exception: each model is measured in a fresh
+process of its own (see :func:`quantkit.evaluate.peak_memory`), so one model's allocations never
+count against another's.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def evaluate_all(
         row["checkpoint_bytes"] = evaluate.dir_bytes(base_path)
         if measure_speed and dtype_name in speed_dtypes:
             row["speed"] = evaluate.speed(model, ids)
+            _add_peak_memory(row["speed"], base_path, "float", dtype_name, ids, device)
         rows.append(row)
         del model
         gc.collect()
@@ -92,6 +95,7 @@ def evaluate_all(
                 model = load(path, dtype=_float_dtype(speed_dtypes[0]), device=device)
             row["speed_dtype"] = speed_dtypes[0]
             row["speed"] = evaluate.speed(model, ids)
+            _add_peak_memory(row["speed"], path, "quantized", speed_dtypes[0], ids, device)
         row["weight_bytes"] = evaluate.weight_bytes(model)
         row["checkpoint_bytes"] = evaluate.dir_bytes(path)
         rows.append(row)
@@ -109,11 +113,26 @@ def evaluate_all(
             "tokens_scored": int(batch.shape[0] * (batch.shape[1] - 1)),
             "perplexity_dtype": ppl_dtype,
             "speed_dtypes": list(speed_dtypes),
+            "peak_memory": evaluate.PEAK_MEMORY_METHOD if measure_speed and device == "cpu" else None,
             "device": device,
         },
         "baseline": f"float ({ppl_dtype})",
         "rows": rows,
     }
+
+
+def _add_peak_memory(speed: dict[str, Any], path: Path, kind: str, dtype: str, ids: torch.Tensor, device: str) -> None:
+    """Add ``peak_memory_bytes`` (see :func:`quantkit.evaluate.peak_memory`) to a row's speed figures.
+
+    CPU only: the figure is the process's resident memory, which does not see GPU memory.
+    """
+    if device != "cpu":
+        return
+    mem = evaluate.peak_memory(
+        path, kind=kind, dtype=dtype, prompt=ids[: evaluate.DECODE_PROMPT_TOKENS], decode_tokens=speed["decode_tokens"]
+    )
+    if mem is not None:
+        speed["peak_memory_bytes"] = mem["peak_memory_bytes"]
 
 
 def run_default_job(

@@ -1,9 +1,16 @@
 """CPU fast paths built on PyTorch's integer kernels.
 
-- W8A8: ``torch._int_mm`` multiplies int8 by int8 into int32 with the CPU's integer dot-product
-  instructions (AVX512-VNNI / AVX-VNNI where present).
-- W8A16: ``torch._weight_int8pack_mm`` multiplies float activations by int8 weights, converting the
-  weight in registers, so no float copy of the weight is written to memory.
+Two tiers, both chosen through :func:`quantkit.kernels.select`:
+
+- :mod:`quantkit.kernels.cpu_fused` (tried first): one C++ call per linear, with activation
+  quantization and the rescale fused around the integer matmul. Built on first use; switched off
+  with ``QUANTKIT_COMPILE=0`` or where no compiler is found.
+- The eager paths below (the fallback), in as few PyTorch ops as the arithmetic allows:
+
+  - W8A8: ``torch._int_mm`` multiplies int8 by int8 into int32 with the CPU's integer dot-product
+    instructions (AVX512-VNNI / AVX-VNNI where present).
+  - W8A16: ``torch._weight_int8pack_mm`` multiplies float activations by int8 weights, converting
+    the weight in registers, so no float copy of the weight is written to memory.
 """
 
 from __future__ import annotations
@@ -12,8 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import Impl
-from .reference import quantize_activations
+from . import Impl, cpu_fused
 
 # Above this many rows, _weight_int8pack_mm (a matrix-vector style kernel) loses to converting the
 # weight once and calling the float GEMM: the conversion is amortized over M rows. Measured on a
@@ -21,14 +27,32 @@ from .reference import quantize_activations
 W8A16_PACKED_MAX_ROWS = 32
 
 
-def w8a8_linear(x, weight, weight_scale, bias=None, smooth_inv=None, input_scale=None):
+def w8a8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    smooth_inv: torch.Tensor | None = None,
+    input_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A8 in eager PyTorch, equal to :func:`quantkit.kernels.reference.w8a8_linear`.
+
+    Same arithmetic as the reference with fewer ops: the abs-max of bf16/fp16 values is exact in
+    their own dtype, ``x / scale`` promotes to fp32 by itself, and ``int32 * fp32`` promotes the
+    accumulator without a separate cast.
+    """
     x2d = x.reshape(-1, x.shape[-1])
-    xq, x_scale = quantize_activations(x2d, smooth_inv, input_scale)
-    acc = torch._int_mm(xq, weight.T)
-    # int32 accumulator rescaled in fp32 (see reference.w8a8_linear).
-    y = acc.float() * x_scale * weight_scale[None, :]
+    if smooth_inv is not None:
+        x2d = x2d.float() * smooth_inv.float()
+    if input_scale is None:
+        scale = x2d.abs().amax(dim=-1, keepdim=True).float().clamp_min_(1e-8).div_(127)
+    else:
+        scale = input_scale.float().reshape(1, 1)
+    xq = torch.round(x2d / scale).clamp_(-127, 127).to(torch.int8)
+    # int32 accumulator rescaled in fp32, in the reference's order (see reference.w8a8_linear).
+    y = (torch._int_mm(xq, weight.T) * scale).mul_(weight_scale.float())
     if bias is not None:
-        y = y + bias.float()
+        y = y.add_(bias.float())
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -36,25 +60,32 @@ def w8a8_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.dim() >= 1 and weight.dtype == torch.int8
 
 
-def w8a16_linear(x, weight, weight_scale, bias=None):
+def w8a16_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W8A16 through ``torch._weight_int8pack_mm``; close to the reference (the scale is applied in ``x.dtype``)."""
     x2d = x.reshape(-1, x.shape[-1])
-    y = torch._weight_int8pack_mm(x2d.contiguous(), weight, weight_scale.to(x.dtype))
+    if not x2d.is_contiguous() or x2d.data_ptr() % cpu_fused.ALIGN:
+        x2d = x2d.clone(memory_format=torch.contiguous_format)  # fresh memory is aligned (see ALIGN)
+    y = torch._weight_int8pack_mm(x2d, weight, weight_scale.to(x.dtype))
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def w8a16_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    rows = x.numel() // max(x.shape[-1], 1)
-    if rows == 0 or rows > W8A16_PACKED_MAX_ROWS or weight.dtype != torch.int8:
+    rows = x.numel() // max(x.shape[-1], 1) if x.dim() >= 1 else 0
+    if rows == 0 or rows > W8A16_PACKED_MAX_ROWS or weight.dtype != torch.int8 or x.dtype not in cpu_fused.FLOAT_DTYPES:
         return False
-    if x.dtype in (torch.float32, torch.float16):
-        return True
+    # The kernel reads weights with aligned loads: a misaligned one segfaults (see cpu_fused.ALIGN).
+    if not weight.is_contiguous() or weight.data_ptr() % cpu_fused.ALIGN:
+        return False
     # The bf16 kernel in torch 2.13 returns garbage (or crashes) unless K is a multiple of 16:
     # probed K in {7, 8, 24, 33} -> NaN/garbage/segfault, every multiple of 16 tried -> correct.
-    return x.dtype == torch.bfloat16 and weight.shape[1] % 16 == 0
+    return x.dtype != torch.bfloat16 or weight.shape[1] % 16 == 0
 
 
 def register_all(register: Callable[[str, Impl], None]) -> None:
+    cpu_fused.register_all(register)
     register("w8a8", Impl("cpu_int_mm", "cpu", w8a8_linear, w8a8_supports, priority=10))
     register("w8a16", Impl("cpu_int8pack", "cpu", w8a16_linear, w8a16_supports, priority=10))

@@ -1,4 +1,9 @@
-"""CPU backends and the dispatch point, against the reference (the oracle)."""
+"""CPU backends and the dispatch point, against the reference (the oracle).
+
+These tests cover the eager CPU tier (``cpu_int_mm``, ``cpu_int8pack``). The fused C++ kernels
+(``quantkit.kernels.cpu_fused``) are registered ahead of it and are switched off here with
+``QUANTKIT_COMPILE=0``; tests/library/test_kernels_cpu_fast.py covers them.
+"""
 
 import pytest
 import torch
@@ -8,6 +13,11 @@ from quantkit.kernels import cpu, reference
 from quantkit.tensor import quantize_weight_per_channel, sqnr_db
 
 SHAPES = [(1, 64, 96), (3, 7, 5), (17, 576, 192), (33, 96, 130), (2, 24, 16)]
+
+
+@pytest.fixture(autouse=True)
+def eager_tier(monkeypatch):
+    monkeypatch.setenv("QUANTKIT_COMPILE", "0")
 
 
 def _operands(m, k, n, dtype, bias):

@@ -1,0 +1,192 @@
+"""The fused CPU kernels (quantkit.kernels.cpu_fused) and the eager CPU tier, against the reference.
+
+W8A8 and the W8A16 dequantizing path repeat the reference's arithmetic in the same order, so they
+must be *equal* to it (``torch.equal``), for every shape, dtype and layout; the packed W8A16 kernel
+applies the scale in the activation dtype and is compared by SQNR. The dispatch must pick the fused
+kernels where they apply and fall back to the eager paths (``QUANTKIT_COMPILE=0``) and to the
+reference (``QUANTKIT_KERNELS=reference``).
+"""
+
+import pytest
+import torch
+from tiny_models import make_tiny
+
+import quantkit
+from quantkit import QuantConfig, kernels
+from quantkit.kernels import cpu, cpu_fused, reference
+from quantkit.tensor import quantize_weight_per_channel, sqnr_db
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (M, K, N): decode rows, odd K (no SIMD multiple, below one vector), tails of 8 and 32, the
+# default model's shapes, a prefill-sized M.
+SHAPES = [(1, 64, 96), (3, 7, 5), (1, 1, 1), (2, 24, 16), (4, 33, 7), (17, 576, 192), (33, 96, 130), (5, 1536, 576)]
+BIG = (512, 576, 1536)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """The built extension; tests needing it skip where there is no C++ toolchain."""
+    monkeypatch.delenv("QUANTKIT_COMPILE", raising=False)
+    monkeypatch.delenv("QUANTKIT_KERNELS", raising=False)
+    if cpu_fused.module() is None:
+        pytest.skip("fused CPU kernels unavailable (no C++ compiler or ninja)")
+    return cpu_fused
+
+
+def _operands(m, k, n, dtype, seed=0):
+    torch.manual_seed(seed + m * 1000 + k + n)
+    x = (torch.randn(m, k) * 3).to(dtype)
+    w, ws = quantize_weight_per_channel(torch.randn(n, k))
+    b = torch.randn(n).to(dtype)
+    smooth = torch.rand(k) + 0.5
+    return x, w, ws, b, smooth
+
+
+def _w8a8_variants(x, b, smooth):
+    """(bias, smooth_inv, input_scale): none, bias, pre-scale, static scale, all."""
+    static = (x.float().abs().amax() / 127).clamp_min(1e-3)
+    return [(None, None, None), (b, None, None), (None, smooth, None), (None, None, static), (b, smooth, static)]
+
+
+@pytest.mark.parametrize("m,k,n", [*SHAPES, BIG])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_w8a8_equals_reference(fused, m, k, n, dtype):
+    x, w, ws, b, smooth = _operands(m, k, n, dtype)
+    for bias, smooth_inv, input_scale in _w8a8_variants(x, b, smooth):
+        ref = reference.w8a8_linear(x, w, ws, bias, smooth_inv, input_scale)
+        out = fused.w8a8_linear(x, w, ws, bias, smooth_inv, input_scale)
+        assert out.dtype == dtype and out.shape == (m, n)
+        assert torch.equal(out, ref), (bias is not None, smooth_inv is not None, input_scale is not None)
+
+
+@pytest.mark.parametrize("m,k,n", [*SHAPES, BIG])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_eager_w8a8_equals_reference(m, k, n, dtype):
+    x, w, ws, b, smooth = _operands(m, k, n, dtype)
+    for bias, smooth_inv, input_scale in _w8a8_variants(x, b, smooth):
+        ref = reference.w8a8_linear(x, w, ws, bias, smooth_inv, input_scale)
+        assert torch.equal(cpu.w8a8_linear(x, w, ws, bias, smooth_inv, input_scale), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_w8a8_layouts_and_edge_values(fused, dtype):
+    x, w, ws, b, _ = _operands(6, 40, 24, dtype)
+    # 3-D, transposed (non-contiguous) and misaligned (storage offset) activations.
+    x3 = x.reshape(2, 3, 40)
+    xt = x.T.contiguous().T
+    buf = torch.randn(6 * 40 + 1).to(dtype)
+    xm = buf[1:].view(6, 40)
+    for xi in (x3, xt, xm):
+        assert torch.equal(fused.w8a8_linear(xi, w, ws, b), reference.w8a8_linear(xi, w, ws, b))
+        assert torch.equal(fused.w8a16_dequant(xi, w, ws, b), reference.w8a16_linear(xi, w, ws, b))
+    # A non-contiguous weight view.
+    wt = w.T.contiguous().T
+    assert not wt.is_contiguous()
+    assert torch.equal(fused.w8a8_linear(x, wt, ws, b), reference.w8a8_linear(x, w, ws, b))
+    assert torch.equal(fused.w8a16_dequant(x, wt, ws, b), reference.w8a16_linear(x, w, ws, b))
+    # An all-zero row (the scale is clamped, the output is the bias), huge and tiny values.
+    xe = x.clone()
+    xe[0] = 0
+    xe[1, 0] = 1e4 if dtype != torch.float16 else 6e4
+    xe[2] *= 1e-6
+    assert torch.equal(fused.w8a8_linear(xe, w, ws, b), reference.w8a8_linear(xe, w, ws, b))
+    # No rows at all.
+    empty = torch.empty(0, 40, dtype=dtype)
+    assert fused.w8a8_linear(empty, w, ws, b).shape == (0, 24)
+    assert fused.w8a8_linear(x[0], w, ws, b).shape == (24,)  # 1-D input
+
+
+@pytest.mark.parametrize("m,k,n", [*SHAPES, BIG])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_w8a16_dequant_equals_reference(fused, m, k, n, dtype):
+    x, w, ws, b, _ = _operands(m, k, n, dtype)
+    for bias in (None, b):
+        ref = reference.w8a16_linear(x, w, ws, bias)
+        out = fused.w8a16_dequant(x, w, ws, bias)
+        assert out.dtype == dtype and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_w8a16_packed_close_to_reference(fused, m, k, n, dtype):
+    x, w, ws, b, _ = _operands(m, k, n, dtype)
+    if not fused.packed_ok(x, w):
+        # the only reasons to refuse: too many rows, or the bf16 kernel's K % 16 rule
+        assert m > fused.PACKED_MAX_ROWS or (dtype == torch.bfloat16 and k % 16)
+        return
+    ref = reference.w8a16_linear(x, w, ws, b)
+    out = fused.w8a16_packed(x, w, ws, b)
+    assert out.dtype == dtype and out.shape == (m, n)
+    # The packed kernel applies the scale in x.dtype: bf16/fp16 rounding, nothing worse.
+    assert sqnr_db(ref.float(), out.float()) > (60 if dtype == torch.float32 else 35)
+
+
+def test_packed_kernel_guards(fused):
+    x, w, ws, _, _ = _operands(4, 64, 32, torch.bfloat16)
+    assert fused.packed_ok(x, w)
+    assert not fused.packed_ok(torch.randn(fused.PACKED_MAX_ROWS + 1, 64).bfloat16(), w)
+    assert not fused.packed_ok(x[:, :24], w[:, :24])  # bf16 needs K % 16 == 0
+    assert fused.packed_ok(x[:, :24].float(), w[:, :24].contiguous())
+    # torch's kernel segfaults on a weight off its alignment: such weights must be refused.
+    buf = torch.zeros(32 * 64 + 8, dtype=torch.int8)
+    w_off = buf[8:].view(32, 64)
+    w_off.copy_(w)
+    assert w_off.data_ptr() % 64 and not fused.packed_ok(x, w_off)
+    assert not cpu.w8a16_supports(x, w_off)
+    # A misaligned activation is copied, not passed on: same result as an aligned one.
+    xbuf = torch.zeros(4 * 64 + 8, dtype=torch.bfloat16)
+    x_off = xbuf[8:].view(4, 64)
+    x_off.copy_(x)
+    assert x_off.data_ptr() % 32
+    assert torch.equal(fused.w8a16_packed(x_off, w, ws), fused.w8a16_packed(x, w, ws))
+    assert torch.equal(cpu.w8a16_linear(x_off, w, ws), cpu.w8a16_linear(x, w, ws))
+
+
+def test_dispatch_picks_fused_and_falls_back(fused, monkeypatch):
+    w = quantize_weight_per_channel(torch.randn(64, 48))[0]
+    for m in (1, 7, 33, 512):
+        x = torch.randn(m, 48).bfloat16()
+        assert kernels.select("w8a8", x, w)[0] == "cpu_fused"
+        want = "cpu_fused_int8pack" if m <= cpu_fused.PACKED_MAX_ROWS else "cpu_fused_dequant"
+        assert kernels.select("w8a16", x, w)[0] == want
+    odd_k = quantize_weight_per_channel(torch.randn(64, 40))[0]  # bf16 packed kernel needs K % 16
+    assert kernels.select("w8a16", torch.randn(2, 40).bfloat16(), odd_k)[0] == "cpu_fused_dequant"
+    assert kernels.select("w8a16", torch.randn(2, 40), odd_k)[0] == "cpu_fused_int8pack"  # fp32 is fine
+    # The fused kernels take float activations only; anything else goes on down the list.
+    assert kernels.select("w8a8", torch.ones(2, 48, dtype=torch.float64), w)[0] == "cpu_int_mm"
+
+    monkeypatch.setenv("QUANTKIT_COMPILE", "0")
+    x = torch.randn(2, 48).bfloat16()
+    assert kernels.select("w8a8", x, w)[0] == "cpu_int_mm"
+    assert kernels.select("w8a16", x, w)[0] == "cpu_int8pack"
+    assert kernels.select("w8a16", torch.randn(64, 48).bfloat16(), w)[0] == "reference"
+    monkeypatch.setenv("QUANTKIT_COMPILE", "1")
+    monkeypatch.setenv("QUANTKIT_KERNELS", "reference")
+    assert kernels.select("w8a8", x, w)[0] == "reference"
+    assert kernels.select("w8a16", x, w)[0] == "reference"
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_model_logits_fused_vs_reference(fused, scheme, dtype):
+    """A whole model: prefill-sized and single-token forwards give the reference's logits."""
+    model = make_tiny("llama")
+    stats = None
+    if scheme == "w8a8":
+        from quantkit.calibration import collect_stats
+
+        torch.manual_seed(0)
+        targets = quantkit.select_targets(model, QuantConfig())
+        stats = collect_stats(model, torch.randint(0, 256, (2, 16)), targets, progress=False)
+    # As the pipeline does: a model in the serving dtype, quantized (scales stay fp32).
+    model = model.to(dtype)
+    quantkit.quantize(model, QuantConfig(scheme=scheme), stats, progress=False)
+    for ids in (torch.randint(0, 256, (1, 40)), torch.randint(0, 256, (1, 1))):
+        with torch.no_grad():
+            fast = model(input_ids=ids).logits
+            with kernels.force_backend("reference"):
+                ref = model(input_ids=ids).logits
+        if scheme == "w8a8" or ids.shape[1] > cpu_fused.PACKED_MAX_ROWS:
+            assert torch.equal(fast, ref)  # fused W8A8 and W8A16-dequant repeat the reference exactly
+        else:
+            assert sqnr_db(ref.float(), fast.float()) > 30
