@@ -176,6 +176,23 @@ def bench_model(model: str, checkpoints: dict[str, Path], rounds: int, prefill_t
     return out
 
 
+def cpu_features() -> dict[str, Any]:
+    """What torch dispatches to on this CPU, and the instruction sets the int8 and bf16 kernels use."""
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "flags": [f for f in wanted if f in flags],
+        "cores": os.cpu_count(),
+    }
+
+
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -241,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": "quantkit.bench_cpu/1",
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "environment": evaluate.environment(),
+        "cpu": cpu_features(),
         "backends": kernels.backends(),
         "env": {k: os.environ.get(k) for k in ("QUANTKIT_COMPILE", "QUANTKIT_KERNELS", "OMP_NUM_THREADS")},
     }

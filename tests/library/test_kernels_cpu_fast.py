@@ -7,6 +7,8 @@ kernels where they apply and fall back to the eager paths (``QUANTKIT_COMPILE=0`
 reference (``QUANTKIT_KERNELS=reference``).
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import make_tiny
@@ -190,3 +192,22 @@ def test_tiny_model_logits_fused_vs_reference(fused, scheme, dtype):
             assert torch.equal(fast, ref)  # fused W8A8 and W8A16-dequant repeat the reference exactly
         else:
             assert sqnr_db(ref.float(), fast.float()) > 30
+
+
+def test_peak_memory_in_a_fresh_process(tmp_path):
+    """The eval's peak-memory figure: measured in a child process, weights included, libraries not."""
+    from quantkit import evaluate
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("peak memory is measured on Linux only")
+    model = make_tiny("llama")
+    quantkit.quantize(model, QuantConfig(scheme="w8a16"), progress=False)
+    quantkit.save(model, tmp_path / "ck")
+    ck = tmp_path / "ck"
+    mem = evaluate.peak_memory(ck, kind="quantized", dtype="float32", prompt=torch.arange(8), decode_tokens=4)
+    assert mem is not None
+    assert mem["peak_rss_bytes"] == mem["baseline_rss_bytes"] + mem["peak_memory_bytes"]
+    # The tiny model's weights are ~70 kB; the figure holds them and the KV cache, not the ~0.5 GB of
+    # interpreter and libraries.
+    assert 0 < mem["peak_memory_bytes"] < 64 << 20
+    assert evaluate.peak_memory(tmp_path / "missing", kind="quantized", dtype="float32", prompt=torch.arange(8)) is None
