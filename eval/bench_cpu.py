@@ -54,12 +54,38 @@ log = logging.getLogger("bench_cpu")
 DEFAULT_SHAPES = "576x576,576x192,576x1536,1536x576"
 DEFAULT_ROWS = "1,4,16,64,512"
 METHODS = ("fp32", "bf16", "w8a16", "w8a8")
+# Share of the CPUs that other processes (or the hypervisor) may take during a timed run before it
+# is flagged as contaminated.
+CONTENTION_WARN = 0.05
 # Bytes of weight copies per method in --cache cold: twice the 32 MiB L3 of the reference machine.
 COLD_BYTES = 64 << 20
 
 
 def _median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def _cpu_counters() -> tuple[float, float]:
+    """CPU seconds all processes on the machine have used (user, nice, system, irq), and the seconds
+    the hypervisor ran something else on this machine's CPUs (steal), from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def _contention(fn: Callable[[], Any]) -> tuple[Any, dict[str, float] | None]:
+    """``fn()``, and the shares of the machine's CPU time (0..1) that other processes used and that
+    the hypervisor stole meanwhile. Timings mean something only when both are ~0; they are recorded
+    so that a contaminated run shows.
+    """
+    if not Path("/proc/stat").is_file():
+        return fn(), None
+    wall0, (busy0, steal0), self0 = time.perf_counter(), _cpu_counters(), time.process_time()
+    result = fn()
+    (busy, steal), own = _cpu_counters(), time.process_time() - self0
+    capacity = (time.perf_counter() - wall0) * (os.cpu_count() or 1)
+    return result, {"foreign": max(0.0, busy - busy0 - own) / capacity, "steal": (steal - steal0) / capacity}
 
 
 def _layer_modules(k: int, n: int, copies: int) -> dict[str, list[nn.Module]]:
@@ -145,7 +171,12 @@ def bench_model(model: str, checkpoints: dict[str, Path], rounds: int, prefill_t
     per_round: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     for r in range(rounds):
         for name, m in models.items():
-            per_round[name].append(evaluate.speed(m, ids, prefill_tokens=prefill_tokens, repeats=1, warmup=False))
+            run, contention = _contention(
+                lambda m=m: evaluate.speed(m, ids, prefill_tokens=prefill_tokens, repeats=1, warmup=False)
+            )
+            per_round[name].append({**run, "contention": contention})
+            if contention and max(contention.values()) > CONTENTION_WARN:
+                log.warning("round %d, %s: CPU contention %s", r, name, contention)
         log.info("round %d: decode tok/s %s", r, {n: round(v[-1]["decode_tok_s"], 2) for n, v in per_round.items()})
     out: dict[str, Any] = {"float_path": str(float_path), "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
     rows = {}
@@ -155,6 +186,7 @@ def bench_model(model: str, checkpoints: dict[str, Path], rounds: int, prefill_t
             "prefill_tok_s": _median([r["prefill_tok_s"] for r in runs]),
             "decode_tokens": runs[0]["decode_tokens"],
             "decode_tok_s": _median([r["decode_tok_s"] for r in runs]),
+            "max_contention": max((max(r["contention"].values()) if r["contention"] else 0.0) for r in runs),
             "rounds": runs,
         }
     del models
@@ -283,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if "model" in results:
         print(f"\nPer model ({args.model}; quantized models with bf16 activations; medians of {args.rounds} rounds)")
         print(model_table(results["model"]))
+        worst = max(r["max_contention"] for r in results["model"]["rows"].values())
+        print(f"Other processes or the hypervisor took at most {100 * worst:.1f} % of the CPUs during a timed run.")
     results["wall_seconds"] = round(time.time() - t0, 1)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
