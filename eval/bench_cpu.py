@@ -12,9 +12,9 @@ back to back, so load changes on the machine hit them alike.
 
 Per model (default model unless ``--model``): prefill tok/s over 512 tokens, decode tok/s and peak
 memory while generating, with the protocols of :mod:`quantkit.evaluate` (the figures ``quantkit
-eval`` reports). Quantized models run with bf16 activations; their non-quantized parts (the tied
-embedding/lm_head) stay bf16. Rounds interleave the four models in one process. Peak memory is
-measured in a fresh process per model (:func:`quantkit.evaluate.peak_memory`).
+eval`` reports). Quantized models run with bf16 activations and quantkit's defaults: the tied
+embedding/lm_head is one int8 table, lm_head weight-only. Rounds interleave the four models in one
+process. Peak memory is measured in a fresh process per model (:func:`quantkit.evaluate.peak_memory`).
 
 Every ratio is ``method / fp32`` and ``method / bf16`` of figures from this run. The W8A16 and
 W8A8 checkpoints are made here (calibration on the shipped text) unless ``--checkpoints DIR``

@@ -21,8 +21,9 @@ Per scheme:
 W8A16 is round-to-nearest (no calibration). W8A8 is quantkit's default SmoothQuant per-token config
 (alpha 0.5, norm folding, run-time pre-scales on o_proj/down_proj); its statistics come from
 :func:`quantkit.calibration.collect_stats` on ``--calib-samples`` x ``--calib-tokens`` random tokens
-(``--w8a8-smoothing none`` for naive W8A8 without statistics). The default config leaves lm_head
-(and the embedding) in bf16; ``--quantize-lm-head`` quantizes lm_head as well. While quantizing
+(``--w8a8-smoothing none`` for naive W8A8 without statistics). As quantkit's default config does,
+the embedding and lm_head are stored int8 with per-row scales, lm_head weight-only (``--embeddings
+float`` keeps both bf16); ``--quantize-lm-head`` puts lm_head in the scheme instead. While quantizing
 with SmoothQuant, ``quantkit.quantize`` holds an fp32 copy of every smoothed linear weight until the
 modules are swapped (4 bytes per weight: 28 GB for this model, on top of the 16 GB bf16 model),
 which an 80 GB GPU holds; on smaller GPUs use ``--w8a8-smoothing none``.
@@ -113,7 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     quant.add_argument("--calib-samples", type=int, default=4, help="W8A8 calibration: random-token samples")
     quant.add_argument("--calib-tokens", type=int, default=128, help="W8A8 calibration: tokens per sample")
-    quant.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (else model dtype)")
+    quant.add_argument(
+        "--embeddings",
+        choices=("int8", "float"),
+        default="int8",
+        help="int8 (quantkit's default): embedding and lm_head int8, lm_head weight-only; float: both bf16",
+    )
+    quant.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head with the scheme")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokens")
     parser.add_argument("--out", default=None, help="write the results as JSON to this path")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -164,12 +171,12 @@ def quantize_model(model: torch.nn.Module, scheme: str, args: argparse.Namespace
     import quantkit
     from quantkit.calibration import collect_stats
 
-    exclude = () if args.quantize_lm_head else quantkit.QuantConfig().exclude
+    common = {"exclude": () if args.quantize_lm_head else quantkit.QuantConfig().exclude, "embeddings": args.embeddings}
     if scheme == "w8a16":
-        config = quantkit.QuantConfig(scheme="w8a16", exclude=exclude)
+        config = quantkit.QuantConfig(scheme="w8a16", **common)
         stats, how = None, "W8A16 round-to-nearest"
     else:
-        config = quantkit.QuantConfig(scheme="w8a8", smoothing=args.w8a8_smoothing, exclude=exclude)
+        config = quantkit.QuantConfig(scheme="w8a8", smoothing=args.w8a8_smoothing, **common)
         stats, how = None, f"{config.label}"
         if config.needs_calibration:
             targets = quantkit.select_targets(model, config)
@@ -185,7 +192,11 @@ def quantize_model(model: torch.nn.Module, scheme: str, args: argparse.Namespace
     t0 = time.perf_counter()
     quantkit.quantize(model, config, stats, progress=False)
     log.info("quantized (%s) in %.1f s", how, time.perf_counter() - t0)
-    return how + (", lm_head quantized" if args.quantize_lm_head else f", lm_head {args.dtype}")
+    if args.quantize_lm_head:
+        head = ", lm_head in the scheme"
+    else:
+        head = ", lm_head int8 weight-only" if args.embeddings == "int8" else f", lm_head {args.dtype}"
+    return how + head + f", embedding {'int8' if args.embeddings == 'int8' else args.dtype}"
 
 
 def tensor_bytes(model: torch.nn.Module) -> int:

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .errors import QuantkitError
-from .nn import make_empty
+from .nn import FLOAT_EMBEDDINGS, Int8Embedding, Int8TiedHead, is_float_embedding, make_empty, weight_out_in
 
 log = logging.getLogger(__name__)
 
@@ -173,22 +173,15 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     # are real, since checkpoints do not store non-persistent buffers.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name in qconfig.modules:
-        float_mod = model.get_submodule(name)
-        out_f, in_f = _shape_out_in(float_mod)
-        kw = {}
-        if qconfig.scheme == "w8a8":
-            kw = {"has_smooth": f"{name}.smooth_inv" in keys, "static": f"{name}.input_scale" in keys}
-        q = make_empty(qconfig.scheme, in_f, out_f, f"{name}.bias" in keys, dtype, device="meta", **kw)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+    swap_in_empty_modules(model, qconfig, keys, dtype)
 
     # Copy each tensor out of the file buffer: safetensors hands back tensors at whatever offset
     # they sit in the file (8 mod 64 here), and torch's AVX-512 int8 kernels crash on such
     # misaligned weights. clone() gets 64-byte-aligned memory from torch's allocator.
     # Float tensors follow ``dtype`` (as from_pretrained casts them), except the quantized layers'
     # fp32 scales, which the skeleton declares fp32.
-    keep = {f"{n}.{b}" for n in qconfig.modules for b in ("weight_scale", "smooth_inv", "input_scale")}
+    quantized = (*qconfig.modules, qconfig.input_embedding, qconfig.output_embedding)
+    keep = {f"{n}.{b}" for n in quantized if n for b in ("weight_scale", "smooth_inv", "input_scale")}
     with safe_open(str(weights), framework="pt") as f:
         state = {}
         for k in f.keys():
@@ -206,7 +199,58 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     return model.to(device).eval()
 
 
-def _shape_out_in(module: nn.Module) -> tuple[int, int]:
-    from .nn import weight_out_in
+def swap_in_empty_modules(model: nn.Module, qconfig: QuantConfig, keys: set[str], dtype: torch.dtype) -> None:
+    """Replace a skeleton's float modules by empty quantized ones (on the meta device), as the
+    checkpoint's ``qconfig`` lists them; ``keys`` (the checkpoint's tensor names) tell which optional
+    buffers exist. Used by :func:`load` and by the transformers integration.
+    """
 
-    return tuple(weight_out_in(module).shape)  # type: ignore[return-value]
+    def swap(name: str, make) -> None:
+        try:
+            float_mod = model.get_submodule(name)
+        except AttributeError:
+            raise QuantkitError(f"checkpoint lists quantized module {name}, which this model has not") from None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, make(float_mod))
+
+    def linear(scheme: str, name: str):
+        def make(float_mod):
+            out_f, in_f = weight_out_in(float_mod).shape
+            kw = {}
+            if scheme == "w8a8":
+                kw = {"has_smooth": f"{name}.smooth_inv" in keys, "static": f"{name}.input_scale" in keys}
+            return make_empty(scheme, in_f, out_f, f"{name}.bias" in keys, dtype, device="meta", **kw)
+
+        return make
+
+    for name in qconfig.modules:
+        swap(name, linear(qconfig.scheme, name))
+    if qconfig.input_embedding:
+
+        def embedding(float_mod):
+            if not is_float_embedding(float_mod):
+                raise QuantkitError(f"{qconfig.input_embedding} is a {type(float_mod).__name__}, not an embedding")
+            scaled = FLOAT_EMBEDDINGS[type(float_mod).__name__]
+            return Int8Embedding(
+                float_mod.num_embeddings,
+                float_mod.embedding_dim,
+                dtype,
+                device="meta",
+                padding_idx=float_mod.padding_idx,
+                embed_scale=float_mod.scalar_embed_scale if scaled else None,
+            )
+
+        swap(qconfig.input_embedding, embedding)
+    if qconfig.output_embedding and qconfig.tied_embeddings:  # reads the input embedding's table
+        if not qconfig.input_embedding:
+            raise QuantkitError("checkpoint config ties the output embedding to an input embedding it does not list")
+        embedding = model.get_submodule(qconfig.input_embedding)
+        has_bias = f"{qconfig.output_embedding}.bias" in keys
+        swap(
+            qconfig.output_embedding,
+            lambda m: Int8TiedHead(
+                embedding, torch.empty(m.out_features, dtype=dtype, device="meta") if has_bias else None
+            ),
+        )
+    elif qconfig.output_embedding:  # weight-only whatever the scheme
+        swap(qconfig.output_embedding, linear("w8a16", qconfig.output_embedding))

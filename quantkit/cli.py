@@ -95,7 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["lm_head"],
         metavar="PATTERN",
-        help="never quantize these (default: lm_head)",
+        help="never quantize these with the scheme (default: lm_head, which --embeddings covers)",
+    )
+    p.add_argument(
+        "--embeddings",
+        choices=["int8", "float"],
+        default="int8",
+        help="int8: store the input embedding and lm_head as int8 with per-row scales (one shared table when "
+        "tied; lm_head runs weight-only in either scheme); float: keep them in the model dtype. The "
+        "compressed-tensors format always keeps them float (default: int8)",
     )
     p.add_argument("--stats", type=Path, help="reuse activation statistics saved by 'quantkit calibrate'")
     p.add_argument(
@@ -213,6 +221,7 @@ def _cmd_quantize(args, progress: bool) -> None:
         fallback_smoothing=not args.no_fallback_smoothing,
         include=tuple(args.include),
         exclude=tuple(args.exclude),
+        embeddings=args.embeddings,
     )
     check_output_dir(args.out, args.overwrite)  # before any long work
     # Load in fp32 so calibration statistics are not rounded to bf16, then cast to the serving dtype.

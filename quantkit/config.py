@@ -13,17 +13,19 @@ from typing import Any, Literal
 
 from .errors import QuantkitError
 
-# Bumped when the on-disk layout of a quantized checkpoint changes.
-FORMAT_VERSION = 1
+# Bumped when the on-disk layout of a quantized checkpoint changes. 2: int8 embeddings.
+FORMAT_VERSION = 2
 QUANT_METHOD = "quantkit"
 
 Scheme = Literal["w8a16", "w8a8"]
 ActGranularity = Literal["per_token", "per_tensor"]
 Smoothing = Literal["smoothquant", "none"]
+Embeddings = Literal["int8", "float"]
 
 SCHEMES = ("w8a16", "w8a8")
 ACT_GRANULARITIES = ("per_token", "per_tensor")
 SMOOTHINGS = ("smoothquant", "none")
+EMBEDDINGS = ("int8", "float")
 
 
 @dataclass(frozen=True)
@@ -43,8 +45,13 @@ class QuantConfig:
             smoothing scale into (``o_proj``, ``down_proj``, unknown architectures) get a per-channel
             activation pre-scale applied at run time instead of being left unsmoothed.
         include: module-name patterns to quantize (empty: every linear layer). See :func:`matches`.
-        exclude: module-name patterns never quantized. ``lm_head`` by default: it is the largest
-            single matmul in small models and the most sensitive to error.
+        exclude: module-name patterns the scheme never quantizes. ``lm_head`` by default: its
+            activations are the most sensitive to error, so it is left to ``embeddings``.
+        embeddings: ``"int8"`` (default) stores the input embedding table and the output projection
+            (``lm_head``) as int8 with one fp32 scale per row (per token), one shared table when the
+            model ties them; ``lm_head`` then runs weight-only (W8A16) in either scheme, and embedding
+            lookups dequantize the rows they gather. In small models these tables are a large part of
+            the weights (28% of SmolLM2-135M's). ``"float"`` keeps both in the model dtype.
     """
 
     scheme: Scheme = "w8a8"
@@ -54,8 +61,12 @@ class QuantConfig:
     fallback_smoothing: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
-    # Filled in on save: which modules were quantized. Not part of what a user asks for.
-    modules: tuple[str, ...] = field(default=(), compare=False)
+    embeddings: Embeddings = "int8"
+    # Filled in by quantize(): what was quantized. Not part of what a user asks for.
+    modules: tuple[str, ...] = field(default=(), compare=False)  # linear layers, in the scheme
+    input_embedding: str = field(default="", compare=False)  # the Int8Embedding, "" if float
+    output_embedding: str = field(default="", compare=False)  # the int8 lm_head (W8A16), "" if none
+    tied_embeddings: bool = field(default=False, compare=False)  # the two share one int8 table
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -66,6 +77,8 @@ class QuantConfig:
             )
         if self.smoothing not in SMOOTHINGS:
             raise QuantkitError(f"unknown smoothing {self.smoothing!r}; choose one of {', '.join(SMOOTHINGS)}")
+        if self.embeddings not in EMBEDDINGS:
+            raise QuantkitError(f"unknown embeddings {self.embeddings!r}; choose one of {', '.join(EMBEDDINGS)}")
         if not 0.0 <= float(self.alpha) <= 1.0:
             raise QuantkitError(f"alpha must be between 0 and 1, got {self.alpha}")
         # Accept lists (e.g. from JSON) but store tuples so the config stays hashable and frozen.
@@ -116,6 +129,8 @@ class QuantConfig:
                 f"(supports <= {FORMAT_VERSION}); upgrade quantkit"
             )
         d.pop("tool_version", None)
+        if version < 2:  # format 1 predates int8 embeddings: its embeddings are float
+            d.setdefault("embeddings", "float")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

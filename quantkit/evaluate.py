@@ -7,8 +7,10 @@ Perplexity protocol (fixed, so numbers compare across runs and tools):
   window is an independent sequence: the loss is the mean next-token negative log-likelihood
   over its ``window - 1`` predicted tokens, and perplexity is ``exp`` of the mean over all windows.
 
-Speed protocol: prefill is one forward pass over a ``prefill_tokens`` prompt (tokens/s = prompt
-length / time); decode is greedy generation with the KV cache, timed as
+Speed protocol: prefill is one forward pass over a ``prefill_tokens`` prompt as ``generate()``
+runs it (tokens/s = prompt length / time): it fills the KV cache and computes the logits of the last
+position only (``logits_to_keep=1``), the time to the first token; scoring every position is the
+perplexity workload, not a prefill. Decode is greedy generation with the KV cache, timed as
 ``(t(1 + n new tokens) - t(1 new token)) / n`` so that the prefill is excluded. Each figure is the
 median of ``repeats`` runs after a warm-up run.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import inspect
 import json
 import logging
 import math
@@ -159,7 +162,8 @@ def speed(
     """
     device = next(model.parameters()).device
     prompt = ids[:prefill_tokens][None, :].to(device)
-    t_prefill = _timed(lambda: model(input_ids=prompt, use_cache=False), device, repeats, warmup)
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    t_prefill = _timed(lambda: model(input_ids=prompt, use_cache=True, **last_only), device, repeats, warmup)
     short = ids[:DECODE_PROMPT_TOKENS][None, :].to(device)
 
     def gen(n: int):

@@ -123,8 +123,9 @@ def check_exportable(model: nn.Module, config: QuantConfig) -> None:
 
 
 def export_config(config: QuantConfig) -> QuantConfig:
-    """The config :func:`quantize_for_export` quantizes with: no run-time pre-scales."""
-    return dataclasses.replace(config, fallback_smoothing=False)
+    """The config :func:`quantize_for_export` quantizes with: no run-time pre-scales, and float
+    embeddings (vLLM's compressed-tensors loader quantizes linear layers only; ``lm_head`` is ignored)."""
+    return dataclasses.replace(config, fallback_smoothing=False, embeddings="float")
 
 
 @torch.no_grad()

@@ -39,9 +39,10 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ._hf_hook import transformers_supported
+from .checkpoint import swap_in_empty_modules
 from .config import QUANT_METHOD, QuantConfig
 from .errors import QuantkitError
-from .nn import QUANT_MODULES, make_empty, weight_out_in
+from .nn import QUANT_MODULES, Int8Embedding
 
 log = logging.getLogger(__name__)
 
@@ -85,29 +86,20 @@ class QuantkitHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
         qconfig = self.quantization_config.quant_config
-        keys = _checkpoint_keys(checkpoint_files)
-        dtype = dtype or model.dtype
-        for name in qconfig.modules:
-            try:
-                float_mod = model.get_submodule(name)
-            except AttributeError:
-                raise QuantkitError(f"checkpoint lists quantized module {name}, which this model has not") from None
-            out_f, in_f = weight_out_in(float_mod).shape
-            kw = {}
-            if qconfig.scheme == "w8a8":
-                kw = {"has_smooth": f"{name}.smooth_inv" in keys, "static": f"{name}.input_scale" in keys}
-            q = make_empty(qconfig.scheme, in_f, out_f, f"{name}.bias" in keys, dtype, device="meta", **kw)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, q)
+        swap_in_empty_modules(model, qconfig, _checkpoint_keys(checkpoint_files), dtype or model.dtype)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         # Copy misaligned quantized buffers into fresh (64-byte aligned) allocations; see module docstring.
         for module in model.modules():
-            if isinstance(module, tuple(QUANT_MODULES.values())):
+            if isinstance(module, (*QUANT_MODULES.values(), Int8Embedding)):
                 for name, buf in list(module.named_buffers(recurse=False)):
-                    if buf.device.type == "cpu" and buf.data_ptr() % 64:
+                    if buf is not None and buf.device.type == "cpu" and buf.data_ptr() % 64:
                         setattr(module, name, buf.clone())
+            if isinstance(module, Int8Embedding):
+                # transformers re-creates non-persistent buffers uninitialized and leaves their
+                # values to the model's _init_weights, which does not know this module.
+                module.reset_embed_scale()
         return model
 
     def is_serializable(self) -> bool:

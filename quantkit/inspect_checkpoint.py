@@ -152,7 +152,18 @@ def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
             problems.append(f"{m}: W8A16 layer with activation tensors")
         if qconfig.scheme == "w8a8" and (m in static) != (qconfig.activations == "per_tensor"):
             problems.append(f"{m}: input_scale {'present' if m in static else 'missing'} for {qconfig.activations}")
-    listed = set(modules)
+    embeddings = [n for n in (qconfig.input_embedding, qconfig.output_embedding) if n]
+    for m in embeddings:
+        if m == qconfig.output_embedding and qconfig.tied_embeddings:
+            continue  # shares the input embedding's table, written once under its name
+        w, s = tensors.get(f"{m}.weight"), tensors.get(f"{m}.weight_scale")
+        if w is None or w.dtype != "I8" or len(w.shape) != 2:
+            problems.append(f"{m}: no int8 [rows, dim] table")
+        elif s is None or s.dtype != "F32" or s.shape != (w.shape[0],):
+            problems.append(f"{m}: weight_scale is not fp32 [{w.shape[0]}]")
+    if qconfig.tied_embeddings and not (qconfig.input_embedding and qconfig.output_embedding):
+        problems.append("tied_embeddings without both an input and an output embedding")
+    listed = set(modules) | set(embeddings)
     stray = sorted(
         k.rpartition(".")[0] for k, t in tensors.items() if t.dtype == "I8" and k.rpartition(".")[0] not in listed
     )
@@ -161,6 +172,14 @@ def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
     skipped = [n for n in (linears or {}) if n not in listed]
     if linears is not None:
         problems += [f"{m}: not a linear layer of this architecture" for m in modules if m not in linears]
+    if not embeddings:
+        embedding_note = "float"
+    else:
+        embedding_note = "int8 (per-row scales): " + " + ".join(embeddings)
+        if qconfig.tied_embeddings:
+            embedding_note += ", one shared table"
+        if qconfig.output_embedding:
+            embedding_note += f"; {qconfig.output_embedding} runs weight-only"
     quant_suffixes = (".weight_scale", ".smooth_inv", ".input_scale")
     return CheckpointInfo(
         path=str(path),
@@ -179,6 +198,7 @@ def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
         ),
         problems=problems,
         details={
+            "embeddings": embedding_note,
             "run_time_pre_scales": len(pre_scaled),
             "static_input_scales": len(static),
             "exclude": list(qconfig.exclude),

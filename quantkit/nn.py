@@ -1,7 +1,9 @@
-"""Quantized linear modules and the registry of float layers they replace.
+"""Quantized modules and the registry of float layers they replace.
 
-A quantized module holds int8 ``weight`` ``[out, in]``, fp32 per-output-channel ``weight_scale``
-``[out]`` and an optional ``bias``; its ``forward`` is one call into :mod:`quantkit.kernels`.
+A quantized linear module holds int8 ``weight`` ``[out, in]``, fp32 per-output-channel
+``weight_scale`` ``[out]`` and an optional ``bias``; its ``forward`` is one call into
+:mod:`quantkit.kernels`. :class:`Int8Embedding` holds an embedding table the same way (one scale
+per row), so a tied ``lm_head`` can share its buffers.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from . import kernels
@@ -43,7 +46,25 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     return w.T if FLOAT_LINEARS[type(module).__name__].transposed else w
 
 
-class _QuantLinearBase(nn.Module):
+class _Int8Module(nn.Module):
+    """Keeps the fp32 scale buffers fp32 through ``module.to(dtype)``/``.half()``.
+
+    Casting a quantized model to its serving dtype must not round the scales the int8 values were
+    computed against (a bf16 scale has 8 bits of mantissa). Devices still follow ``.to(device)``.
+    """
+
+    _FP32_BUFFERS = ("weight_scale", "smooth_inv", "input_scale")
+
+    def _apply(self, fn, recurse: bool = True):
+        kept = {n: b for n in self._FP32_BUFFERS if (b := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for n, b in kept.items():
+            moved = self._buffers[n]
+            self._buffers[n] = moved if moved.dtype == torch.float32 else b.to(moved.device)
+        return self
+
+
+class _QuantLinearBase(_Int8Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None) -> None:
         super().__init__()
         self.in_features = in_features
@@ -138,3 +159,124 @@ QUANT_MODULES: dict[str, type[_QuantLinearBase]] = {"w8a16": W8A16Linear, "w8a8"
 def make_empty(scheme: str, in_features: int, out_features: int, bias: bool, dtype, device=None, **kw):
     """An uninitialized quantized module with the buffers a checkpoint will fill (used on load)."""
     return QUANT_MODULES[scheme](in_features, out_features, bias, dtype, device, **kw)
+
+
+# Float embedding types Int8Embedding replaces, by class name (exact classes, as for linears), and
+# whether the class multiplies its output by ``embed_scale`` (Gemma's scaled embeddings: checked to
+# return ``embedding(ids) * embed_scale.to(weight.dtype)`` with ``scalar_embed_scale`` = its value).
+FLOAT_EMBEDDINGS: dict[str, bool] = {
+    "Embedding": False,
+    "GemmaTextScaledWordEmbedding": True,
+    "Gemma2TextScaledWordEmbedding": True,
+    "Gemma3TextScaledWordEmbedding": True,
+}
+
+
+def is_float_embedding(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Embedding)
+        and type(module).__name__ in FLOAT_EMBEDDINGS
+        and module.max_norm is None  # max_norm renormalizes rows in place on lookup
+    )
+
+
+class Int8Embedding(_Int8Module):
+    """An embedding table stored int8 with one fp32 scale per row; lookups dequantize what they gather.
+
+    ``weight`` int8 ``[num_embeddings, embedding_dim]``, ``weight_scale`` fp32 ``[num_embeddings]``:
+    row ``i`` is ``weight[i] * weight_scale[i]``, the same per-output-channel layout as
+    :class:`W8A16Linear`, so a tied ``lm_head`` shares both buffers. The output is in ``out_dtype``,
+    the model's float dtype, which follows ``module.to(dtype)``.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        dtype: torch.dtype,
+        device=None,
+        *,
+        padding_idx: int | None = None,
+        embed_scale: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.out_dtype = dtype
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32, device=device))
+        # Gemma 3's scaled embedding, not saved (as in its float class): rebuilt from the config.
+        # Kept off the meta device, since no checkpoint fills it.
+        self.scalar_embed_scale = embed_scale
+        real = "cpu" if device is None or torch.device(device).type == "meta" else device
+        self.register_buffer("embed_scale", None, persistent=False)
+        self.reset_embed_scale(real)
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding) -> Int8Embedding:
+        scaled = FLOAT_EMBEDDINGS[type(module).__name__]
+        w = module.weight
+        q = cls(
+            module.num_embeddings,
+            module.embedding_dim,
+            w.dtype,
+            device=w.device,
+            padding_idx=module.padding_idx,
+            embed_scale=module.scalar_embed_scale if scaled else None,
+        )
+        q.weight, q.weight_scale = quantize_weight_per_channel(w)
+        return q
+
+    def reset_embed_scale(self, device=None) -> None:
+        """(Re)build the ``embed_scale`` buffer, e.g. after a loader replaced it with uninitialized memory."""
+        if self.scalar_embed_scale is not None:
+            device = device or self.weight.device
+            self.embed_scale = torch.tensor(float(self.scalar_embed_scale), device=device)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids, self.weight).float() * self.weight_scale[input_ids].unsqueeze(-1)
+        out = rows.to(self.out_dtype)
+        if self.embed_scale is not None:
+            out = out * self.embed_scale.to(self.out_dtype)
+        return out
+
+    def _apply(self, fn, recurse: bool = True):
+        # Track .to(dtype)/.half(): ``fn`` casts float tensors and leaves the int8 table alone.
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows, out_dtype={self.out_dtype}"
+
+
+class Int8TiedHead(nn.Module):
+    """The output projection (``lm_head``) of a model that ties it to its input embedding.
+
+    Computes ``x @ (table * scale).T`` weight-only (as :class:`W8A16Linear`) straight from the
+    :class:`Int8Embedding`'s buffers, which it reads through a plain reference rather than owning:
+    the table exists once in memory and on disk, stays shared through ``.to(device)``, and the
+    head's state dict holds at most its ``bias``.
+    """
+
+    def __init__(self, embedding: Int8Embedding, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        # Not a submodule (that would list the table twice in the state dict): a plain reference.
+        object.__setattr__(self, "embedding", embedding)
+        self.in_features = embedding.embedding_dim
+        self.out_features = embedding.num_embeddings
+        self.register_buffer("bias", bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return self.embedding.weight_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.w8a16_linear(x, self.embedding.weight, self.embedding.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to the int8 embedding"

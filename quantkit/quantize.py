@@ -31,7 +31,17 @@ from .calibration import (
 )
 from .config import QuantConfig, matches
 from .errors import QuantkitError
-from .nn import QUANT_MODULES, W8A8Linear, is_float_linear, weight_out_in
+from .nn import (
+    FLOAT_LINEARS,
+    QUANT_MODULES,
+    Int8Embedding,
+    Int8TiedHead,
+    W8A8Linear,
+    W8A16Linear,
+    is_float_embedding,
+    is_float_linear,
+    weight_out_in,
+)
 from .smooth import fold_into_norm, smoothing_scale
 from .tensor import abs_max_scale
 
@@ -192,17 +202,72 @@ def quantize(
                 kwargs["input_scale"] = abs_max_scale(stats[name].max())
         # The smoothed fp32 weight exists only while this layer is quantized.
         weight = weight_out_in(module).detach().float() * scales[name][None, :] if name in scales else None
-        qmodule = cls.from_float(module, weight, **kwargs)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, qmodule)
+        _replace_module(model, name, cls.from_float(module, weight, **kwargs))
 
+    embedding_modules = _quantize_embeddings(model) if config.embeddings == "int8" else {}
     _untie_if_quantized(model)
-    model.config.quantization_config = dataclasses.replace(config, modules=tuple(targets)).to_dict()
+    done = dataclasses.replace(config, modules=tuple(targets), **embedding_modules)
+    model.config.quantization_config = done.to_dict()
     return model
 
 
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _quantize_embeddings(model: nn.Module) -> dict:
+    """Store the input and output embeddings int8 (see ``QuantConfig.embeddings``).
+
+    A tied pair becomes one int8 table: an :class:`Int8Embedding` and an :class:`Int8TiedHead`
+    reading it (weight-only). An output projection the scheme already quantized (``lm_head`` not excluded) is
+    left as it is. Returns the ``QuantConfig`` fields that record what was done.
+    """
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    tied = inp is not None and out is not None and _same_tensor(getattr(out, "weight", None), inp.weight)
+    done = {"input_embedding": "", "output_embedding": "", "tied_embeddings": False}
+    q_in = None
+    if inp is not None and is_float_embedding(inp):
+        q_in = Int8Embedding.from_float(inp)
+        _replace_module(model, names[id(inp)], q_in)
+        done["input_embedding"] = names[id(inp)]
+    elif inp is not None:
+        log.info("input embedding %s is kept in float (unsupported type)", type(inp).__name__)
+    out_ok = out is not None and is_float_linear(out) and not FLOAT_LINEARS[type(out).__name__].transposed
+    if out_ok and tied and q_in is None:
+        out_ok = False  # an int8 copy beside the float table it is tied to would add memory
+    if out_ok:
+        if tied:
+            q_out = Int8TiedHead(q_in, None if out.bias is None else out.bias.detach().clone())
+            done["tied_embeddings"] = True
+        else:
+            q_out = W8A16Linear.from_float(out)
+        _replace_module(model, names[id(out)], q_out)
+        done["output_embedding"] = names[id(out)]
+    log.info(
+        "embeddings: input %s, output %s%s",
+        done["input_embedding"] or "float",
+        done["output_embedding"] or "float",
+        " (one shared int8 table)" if done["tied_embeddings"] else "",
+    )
+    return done
+
+
+def _same_tensor(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are one tensor (tied weights); meta tensors all have data_ptr 0."""
+    if a is None or a is b:
+        return a is b
+    return a.device.type != "meta" and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+
+
 def _untie_if_quantized(model: nn.Module) -> None:
-    """If a tied output embedding was quantized, the saved config must no longer tie it."""
+    """If a tied output embedding was quantized, the saved config must no longer tie it.
+
+    transformers ties parameters; a quantized pair is tied by :class:`Int8TiedHead` instead, which
+    loading rebuilds from ``QuantConfig.tied_embeddings``.
+    """
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is not None and not is_float_linear(out) and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False

@@ -168,3 +168,12 @@ def test_report_rejects_foreign_json(tmp_path, capsys):
     f.write_text("{}")
     assert main(["report", str(f), "--out", str(tmp_path / "r.md")]) == 2
     assert "not a quantkit results file" in _error(capsys)
+
+
+def test_cli_embeddings_flag(tmp_path, tiny_model_dir):
+    for choice in ("int8", "float"):
+        out = tmp_path / choice
+        args = ["quantize", str(tiny_model_dir), "--out", str(out), "--scheme", "w8a16", "--embeddings", choice]
+        assert main([*args, "-q"]) == 0
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qc["embeddings"] == choice and bool(qc["input_embedding"]) is (choice == "int8")

@@ -28,16 +28,19 @@ def checkpoints(tiny_model_dir, tmp_path_factory):
 def test_inspect_quantkit_checkpoint(checkpoints, capsys):
     assert main(["inspect", str(checkpoints / "w8a8")]) == 0
     out = capsys.readouterr().out
-    assert "quantkit (format version 1), written by quantkit 0.1.0" in out
+    assert "quantkit (format version 2), written by quantkit 0.1.0" in out
     assert "W8A8 SmoothQuant a=0.5 per-token" in out
     assert "quantized   14 linear layers (q_proj x2, k_proj x2, v_proj x2, o_proj x2, gate_proj x2" in out
-    assert "skipped     1 linear layer: lm_head" in out
+    assert "skipped     0 linear layers" in out  # lm_head: int8 with the embeddings
+    assert "embeddings  int8 (per-row scales): model.embed_tokens + lm_head; lm_head runs weight-only" in out
     assert "pre-scaled  4" in out  # o_proj and down_proj of both blocks: run-time SmoothQuant pre-scales
     assert "consistent  yes" in out
     assert main(["inspect", str(checkpoints / "w8a8"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["consistent"] and len(info["quantized"]) == 14 and info["skipped"] == ["lm_head"]
-    assert info["bytes"]["quantized_weights"] == sum(2 * 64 * n for n in (64, 32, 32, 64)) + 2 * 3 * 64 * 96
+    assert info["consistent"] and len(info["quantized"]) == 14 and info["skipped"] == []
+    linears = sum(2 * 64 * n for n in (64, 32, 32, 64)) + 2 * 3 * 64 * 96
+    vocab = json.loads((checkpoints / "w8a8" / "config.json").read_text())["vocab_size"]
+    assert info["bytes"]["quantized_weights"] == linears + 2 * vocab * 64  # + untied embedding and lm_head
 
 
 def test_inspect_compressed_tensors_exports(checkpoints, capsys):

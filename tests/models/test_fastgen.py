@@ -276,8 +276,12 @@ def test_bench_meta_counts_llama3_8b_bytes(bench, tmp_path):
     # bf16 parameters of the real Llama-3-8B, plus the rotary inv_freq buffers (a few hundred bytes).
     assert 0 <= results["bf16"]["weight_bytes"] - 2 * LLAMA3_8B_PARAMS < 4096
     assert "prefill_tok_s" not in results["bf16"]
+    # Every matrix int8 (+ fp32 scales), the default: just over half, the norms aside.
+    assert 0.5 < results["w8a16"]["vs_bf16"]["weight_bytes"] < 0.502
+    out = tmp_path / "meta-float.json"
+    assert bench.main(["--device", "meta", "--schemes", "bf16,w8a16", "--embeddings", "float", "--out", str(out)]) == 0
     # int8 linears (+ fp32 scales) with embedding and lm_head still bf16.
-    assert 0.5 < results["w8a16"]["vs_bf16"]["weight_bytes"] < 0.6
+    assert 0.55 < json.loads(out.read_text())["results"]["w8a16"]["vs_bf16"]["weight_bytes"] < 0.6
 
 
 def test_bench_acceptance_is_judged_only_on_cuda(bench):

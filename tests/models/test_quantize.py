@@ -6,7 +6,7 @@ from tiny_models import make_tiny
 
 import quantkit
 from quantkit import QuantConfig, QuantkitError
-from quantkit.nn import W8A8Linear, W8A16Linear, is_float_linear
+from quantkit.nn import Int8Embedding, Int8TiedHead, W8A8Linear, W8A16Linear, is_float_linear
 from quantkit.tensor import sqnr_db
 
 CONFIGS = {
@@ -35,7 +35,9 @@ def test_quantized_logits_close_to_float(tiny_arch, name):
     cls = W8A16Linear if name == "w8a16" else W8A8Linear
     assert all(not is_float_linear(m) for n, m in model.named_modules() if n.endswith(("q_proj", "c_attn", "fc1")))
     assert any(isinstance(m, cls) for m in model.modules())
-    assert is_float_linear(model.get_output_embeddings())  # lm_head excluded by default
+    # lm_head is excluded from the scheme; with int8 embeddings (the default) it is weight-only.
+    assert type(model.get_output_embeddings()) in (W8A16Linear, Int8TiedHead)
+    assert isinstance(model.get_input_embeddings(), Int8Embedding)
     with torch.no_grad():
         out = model(input_ids=ids).logits
     # Random tiny models are harder than trained ones (no redundancy); these floors still catch
@@ -73,7 +75,7 @@ def test_include_exclude_patterns():
     model = make_tiny("llama")
     quantkit.quantize(
         model,
-        QuantConfig(scheme="w8a16", include=("mlp.*",), exclude=("layers.1.*", "lm_head")),
+        QuantConfig(scheme="w8a16", include=("mlp.*",), exclude=("layers.1.*", "lm_head"), embeddings="float"),
         progress=False,
     )
     quantized = {n for n, m in model.named_modules() if isinstance(m, W8A16Linear)}
