@@ -1,7 +1,8 @@
-"""SmoothQuant ablation on the default model: alpha, the run-time pre-scale fallback, activation granularity.
+"""Ablation on the default model: SmoothQuant alpha, pre-scale fallback, activation granularity, embeddings.
 
 Usage: python eval/alpha_sweep.py [--windows 16]
-Prints perplexity and drift vs the fp32 float model for each W8A8 variant (README protocol, fp32 activations).
+Prints perplexity and drift vs the fp32 float model for each variant (README protocol, fp32 activations);
+``emb=int8`` (the default) stores the tied embedding/lm_head as one int8 table, ``emb=float`` keeps it float.
 """
 
 import argparse
@@ -32,10 +33,14 @@ for cfg in [
     QuantConfig(alpha=0.8),
     QuantConfig(alpha=0.5, activations="per_tensor"),
     QuantConfig(smoothing="none", activations="per_tensor"),
+    QuantConfig(alpha=0.5, embeddings="float"),
+    QuantConfig(scheme="w8a16"),
+    QuantConfig(scheme="w8a16", embeddings="float"),
 ]:
     q = quantkit.quantize(copy.deepcopy(m), cfg, stats, progress=False)
     p = evaluate.perplexity(q, batch, progress=False)
     print(
-        f"{cfg.label:45s} fallback={cfg.fallback_smoothing!s:5s} ppl={p:.3f} drift={100 * (p / p0 - 1):+.2f}%",
+        f"{cfg.label:45s} fallback={cfg.fallback_smoothing!s:5s} emb={cfg.embeddings:5s} "
+        f"ppl={p:.3f} drift={100 * (p / p0 - 1):+.2f}%",
         flush=True,
     )

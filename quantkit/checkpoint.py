@@ -6,6 +6,9 @@ Layout of a checkpoint folder::
     model.safetensors       float tensors as in the source model; for each quantized layer
                             <name>.weight (int8 [out, in]), <name>.weight_scale (fp32 [out]),
                             optional <name>.bias, <name>.smooth_inv (fp32 [in]), <name>.input_scale
+                            with int8 embeddings, the input embedding's table <name>.weight (int8
+                            [vocab, hidden]) and <name>.weight_scale (fp32 [vocab]); lm_head's
+                            likewise unless tied to it (then stored once, under the embedding)
     generation_config.json, tokenizer files
 
 Nothing is ever unpickled. Writes go to a temporary sibling folder that is renamed into place only

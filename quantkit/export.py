@@ -359,6 +359,11 @@ def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None, *
     """
     qc = quant_config_dict(model)
     qconfig = QuantConfig.from_dict(qc)
+    if qconfig.input_embedding or qconfig.output_embedding:
+        raise QuantkitError(
+            "this model stores its embeddings/lm_head in int8, which compressed-tensors checkpoints do not hold; "
+            "quantize with quantize_for_export() (or QuantConfig(embeddings='float'))"
+        )
     if getattr(model.config, "model_type", "") in _TRANSPOSED_MODEL_TYPES:
         raise QuantkitError(f"{model.config.model_type} uses Conv1D layers; compressed-tensors export needs nn.Linear")
     state = compressed_state_dict(model)

@@ -11,7 +11,8 @@ transformers' registry is imported (not before: that import is slow). From then 
     model = AutoModelForCausalLM.from_pretrained("smollm2-w8a8")
 
 builds the model skeleton on the meta device, swaps every layer named in the config's ``modules``
-for quantkit's :class:`~quantkit.nn.W8A8Linear` / :class:`~quantkit.nn.W8A16Linear` (before any
+for quantkit's :class:`~quantkit.nn.W8A8Linear` / :class:`~quantkit.nn.W8A16Linear`, and int8
+embeddings for :class:`~quantkit.nn.Int8Embedding` / :class:`~quantkit.nn.Int8TiedHead` (before any
 weight is read, so int8 weights never pass through a float layer) and lets transformers load the
 checkpoint into their buffers. The result computes bit-for-bit what :func:`quantkit.load` gives.
 

@@ -331,13 +331,13 @@ def _figure(svg: str, caption: str) -> str:
 
 def _table(results: dict[str, Any]) -> str:
     head = [
-        "variant", "perplexity", "drift", "linear weights", "vs bf16", "checkpoint",
+        "variant", "perplexity", "drift", "linear weights", "vs bf16", "all weights", "vs bf16", "checkpoint",
         "prefill tok/s", "x bf16", "x fp32", "decode tok/s", "x bf16", "x fp32",
     ]  # fmt: skip
     rows = table_rows(results)
     with_mem = any("peak_memory_bytes" in r.get("speed", {}) for r in rows)
     if with_mem:
-        head.append("peak memory")
+        head += ["peak memory", "vs bf16"]
     out = ["<table><thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
     for r in rows:
         sp = r.get("speed", {})
@@ -351,6 +351,8 @@ def _table(results: dict[str, Any]) -> str:
             drift,
             f"{r['weight_bytes']['linear'] / 2**20:.1f} MiB",
             f"{r['linear_bytes_vs_bf16'] * 100:.1f}%" if "linear_bytes_vs_bf16" in r else "—",
+            f"{r['weight_bytes']['total'] / 2**20:.1f} MiB",
+            f"{r['total_bytes_vs_bf16'] * 100:.1f}%" if "total_bytes_vs_bf16" in r else "—",
             f"{r['checkpoint_bytes'] / 2**20:.1f} MiB" if r.get("checkpoint_bytes") is not None else "—",
             f"{sp['prefill_tok_s']:.0f}" if "prefill_tok_s" in sp else "—",
             ratio("prefill_tok_s_vs_bf16"),
@@ -362,6 +364,7 @@ def _table(results: dict[str, Any]) -> str:
         if with_mem:
             mem = sp.get("peak_memory_bytes")
             cells.append(f"{mem / 2**20:.0f} MiB" if mem is not None else "—")
+            cells.append(f"{r['peak_memory_vs_bf16'] * 100:.1f}%" if "peak_memory_vs_bf16" in r else "—")
         cls = ' class="float"' if r.get("kind") == "float" else ""
         name = f"{_e(r['name'])}<br><small>{_e(_scheme(r))}</small>"
         out.append(f"<tr{cls}><td>{name}</td>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
@@ -375,7 +378,8 @@ def _scheme(row: dict[str, Any]) -> str:
         return f"float {row.get('dtype', '')}".strip()
     from .config import QuantConfig
 
-    return QuantConfig.from_dict(cfg).label
+    label = QuantConfig.from_dict(cfg).label
+    return label + (", int8 embedding/lm_head" if cfg.get("input_embedding") or cfg.get("output_embedding") else "")
 
 
 def _provenance(results: dict[str, Any]) -> str:

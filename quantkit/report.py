@@ -29,6 +29,26 @@ def _mib(n: int | None) -> str:
     return "—" if n is None else f"{n / 2**20:.1f} MiB"
 
 
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{x * 100:.1f}%"
+
+
+def _embedding_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One line saying how the quantized variants store their embeddings ("all weights" depends on it)."""
+    how: dict[str, list[str]] = {}
+    for r in rows:
+        c = r.get("config")
+        if not c:
+            continue
+        if c.get("input_embedding") or c.get("output_embedding"):
+            tied = ", one table tied to lm_head" if c.get("tied_embeddings") else ""
+            desc = f"embedding and lm_head int8 with per-row scales{tied}; lm_head weight-only"
+        else:
+            desc = "embedding and lm_head in the float dtype"
+        how.setdefault(desc, []).append(r["name"])
+    return [f"Quantized variants ({', '.join(names)}): {desc}." for desc, names in how.items()] + [""] if how else []
+
+
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows with derived columns: drift vs the baseline, byte and speed ratios vs bf16/fp32."""
     rows = results["rows"]
@@ -44,6 +64,10 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         ref = bf16 or base
         if ref:
             d["linear_bytes_vs_bf16"] = r["weight_bytes"]["linear"] / ref["weight_bytes"]["linear"]
+            d["total_bytes_vs_bf16"] = r["weight_bytes"]["total"] / ref["weight_bytes"]["total"]
+            mem, ref_mem = r.get("speed", {}).get("peak_memory_bytes"), ref.get("speed", {}).get("peak_memory_bytes")
+            if mem and ref_mem:
+                d["peak_memory_vs_bf16"] = mem / ref_mem
         for tag, ref in (("bf16", bf16), ("fp32", fp32)):
             if ref and "speed" in r and "speed" in ref:
                 for k in ("prefill_tok_s", "decode_tok_s"):
@@ -65,9 +89,10 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
             f"Speed: {', '.join(proto['speed_dtypes'])} baselines, quantized models in {proto['speed_dtypes'][0]}, "
             f"on {proto['device']}.",
             "",
-            "| variant | perplexity | drift | linear weights | vs bf16 | checkpoint | prefill tok/s | "
-            "x bf16 | x fp32 | decode tok/s | x bf16 | x fp32 |" + (" peak memory |" if with_mem else ""),
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_mem else ""),
+            "| variant | perplexity | drift | linear weights | vs bf16 | all weights | vs bf16 | checkpoint | "
+            "prefill tok/s | x bf16 | x fp32 | decode tok/s | x bf16 | x fp32 |"
+            + (" peak memory | vs bf16 |" if with_mem else ""),
+            "|---" + "|---:" * (15 if with_mem else 13) + "|",
         ]
         for r in rows:
             sp = r.get("speed", {})
@@ -79,16 +104,17 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
                 return format(sp[key], fmt) if key in sp else "—"
 
             drift = f"{r['drift_pct']:+.2f}%" if "drift_pct" in r else "baseline" if r["kind"] == "float" else "—"
-            mem = f" {_mib(sp.get('peak_memory_bytes'))} |" if with_mem else ""
+            mem = f" {_mib(sp.get('peak_memory_bytes'))} | {_pct(r.get('peak_memory_vs_bf16'))} |" if with_mem else ""
             lines.append(
                 f"| {r['name']} | {r['perplexity']:.3f} | {drift} | {_mib(r['weight_bytes']['linear'])} | "
-                f"{r.get('linear_bytes_vs_bf16', 0) * 100:.1f}% | {_mib(r.get('checkpoint_bytes'))} | "
+                f"{_pct(r.get('linear_bytes_vs_bf16'))} | {_mib(r['weight_bytes']['total'])} | "
+                f"{_pct(r.get('total_bytes_vs_bf16'))} | {_mib(r.get('checkpoint_bytes'))} | "
                 f"{tok_s('prefill_tok_s', '.0f')} | {ratio('prefill_tok_s_vs_bf16')} | "
                 f"{ratio('prefill_tok_s_vs_fp32')} | {tok_s('decode_tok_s', '.1f')} | "
                 f"{ratio('decode_tok_s_vs_bf16')} | {ratio('decode_tok_s_vs_fp32')} |{mem}"
             )
+        lines += ["", *_embedding_notes(rows)]
         lines += [
-            "",
             f"Machine: {env.get('cpu')} ({env.get('threads')} threads){', ' + env['gpu'] if 'gpu' in env else ''}; "
             f"torch {env['torch']}, transformers {env['transformers']}, quantkit {env['quantkit']}.",
             f"Command: `{results['command']}`",

@@ -253,10 +253,23 @@ def test_conv1d_models_are_refused_clearly():
 
 def test_run_time_pre_scales_are_refused(tmp_path):
     model = make_tiny("llama")
-    quantkit.quantize(model, QuantConfig(), _stats(model), progress=False)  # o_proj/down_proj get smooth_inv
+    config = QuantConfig(embeddings="float")
+    quantkit.quantize(model, config, _stats(model), progress=False)  # o_proj/down_proj get smooth_inv
     with pytest.raises(QuantkitError, match="pre-scale"):
         save_compressed_tensors(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_embeddings_are_refused_and_export_keeps_them_float(tmp_path):
+    model = make_tiny("opt")
+    quantkit.quantize(model, QuantConfig(scheme="w8a16"), progress=False)  # default: int8 embeddings
+    with pytest.raises(QuantkitError, match="embeddings"):
+        save_compressed_tensors(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    model = make_tiny("opt")
+    quantize_for_export(model, QuantConfig(scheme="w8a16"), None, progress=False)
+    assert type(model.get_input_embeddings()) is torch.nn.Embedding
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
 
 
 # ---- the real default model -------------------------------------------------------------------
