@@ -8,7 +8,10 @@ holds and whose modules all exist under a module is applied there (that module i
 
 Linears that no group covers (``o_proj``, ``down_proj``, ...) and architectures absent from this
 table are still quantized; with ``fallback_smoothing`` they get a run-time per-channel pre-scale.
-Names are relative to the decoder layer.
+
+Each entry also lists its :class:`Producer` pairs: layers whose input is linear in each output row
+of an earlier layer, where the compressed-tensors export moves that run-time pre-scale instead
+(see :mod:`quantkit.export`). Names are relative to the decoder layer.
 """
 
 from __future__ import annotations
@@ -33,8 +36,28 @@ class Layout:
 
 
 @dataclass(frozen=True)
+class Producer:
+    """``consumer``'s input channels are ``producer``'s last output rows, through a function that is
+    linear in each of those rows (a gate product, ReLU or attention).
+
+    ``heads``: the consumer reads ``num_attention_heads`` heads built from ``num_key_value_heads``
+    value heads (attention: value rows -> output projection); otherwise channel ``j`` of the
+    consumer is row ``j`` of the producer's last ``in_features`` rows.
+    """
+
+    producer: str
+    consumer: str
+    heads: bool = False
+    # Config attributes that must have these values (e.g. OPT's MLP only for ReLU).
+    requires: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     layouts: tuple[Layout, ...]
+    # Pairs where a consumer's smoothing can move into its producer (compressed-tensors export).
+    # None here: GPT-2 and Falcon (GELU MLPs; fused, interleaved qkv) and unknown architectures.
+    producers: tuple[Producer, ...] = ()
     # The norm computes x_hat * (offset + weight): Gemma stores weight - 1, so its offset is 1.
     norm_offset: float = 0.0
     # Extra module patterns never quantized for this architecture (e.g. a vision tower).
@@ -46,16 +69,20 @@ def _g(norm: str, *linears: str) -> SmoothGroup:
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+# Gated MLP and attention: up rows feed down_proj, value rows feed o_proj.
+_GATED = (Producer("self_attn.v_proj", "self_attn.o_proj", heads=True), Producer("mlp.up_proj", "mlp.down_proj"))
 
 # Llama-style pre-norm decoder: attention and MLP each read their own RMSNorm.
 _LLAMA = ArchSpec(
-    (Layout((_g("input_layernorm", *_QKV), _g("post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj"))),)
+    (Layout((_g("input_layernorm", *_QKV), _g("post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj"))),),
+    producers=_GATED,
 )
 
 # Gemma 2/3 put an extra norm after attention (post_attention_layernorm feeds the residual, not the
 # MLP); the MLP reads pre_feedforward_layernorm.
 _GEMMA2 = ArchSpec(
     (Layout((_g("input_layernorm", *_QKV), _g("pre_feedforward_layernorm", "mlp.gate_proj", "mlp.up_proj"))),),
+    producers=_GATED,
     norm_offset=1.0,
     exclude=("vision_tower*", "multi_modal_projector*"),
 )
@@ -66,11 +93,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _LLAMA,
     # Qwen3's q_norm/k_norm act on the projections' outputs, so its inputs smooth like Llama's.
     "qwen3": _LLAMA,
-    "gemma": ArchSpec(_LLAMA.layouts, norm_offset=1.0),
+    "gemma": ArchSpec(_LLAMA.layouts, _GATED, norm_offset=1.0),
     "gemma2": _GEMMA2,
     "gemma3": _GEMMA2,
     "gemma3_text": _GEMMA2,
-    # Phi-3 fuses q/k/v and gate/up into single linears.
+    # Phi-3 fuses q/k/v and gate/up into single linears: the value rows are the last rows of
+    # qkv_proj, the up rows the last half of gate_up_proj.
     "phi3": ArchSpec(
         (
             Layout(
@@ -79,7 +107,11 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                     _g("post_attention_layernorm", "mlp.gate_up_proj"),
                 )
             ),
-        )
+        ),
+        producers=(
+            Producer("self_attn.qkv_proj", "self_attn.o_proj", heads=True),
+            Producer("mlp.gate_up_proj", "mlp.down_proj"),
+        ),
     ),
     # OPT: only the pre-norm variants (do_layer_norm_before=True; all but opt-350m) can be smoothed.
     "opt": ArchSpec(
@@ -88,7 +120,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
                 (_g("self_attn_layer_norm", *_QKV), _g("final_layer_norm", "fc1")),
                 requires={"do_layer_norm_before": True},
             ),
-        )
+        ),
+        producers=(
+            Producer("self_attn.v_proj", "self_attn.out_proj", heads=True),
+            # relu(x / s) = relu(x) / s for s > 0: only ReLU MLPs.
+            Producer("fc1", "fc2", requires={"activation_function": "relu"}),
+        ),
     ),
     # GPT-2 uses Conv1D (weight stored [in, out]); c_attn is the fused q/k/v projection.
     "gpt2": ArchSpec((Layout((_g("ln_1", "attn.c_attn"), _g("ln_2", "mlp.c_fc"))),)),
@@ -121,5 +158,10 @@ def spec_for(model_type: str) -> ArchSpec:
     return ARCHITECTURES.get(model_type, DEFAULT)
 
 
+def requires_hold(requires: dict[str, Any], config: Any) -> bool:
+    """Whether ``config`` has every attribute value a :class:`Layout` or :class:`Producer` requires."""
+    return all(getattr(config, key, None) == value for key, value in requires.items())
+
+
 def layout_applies(layout: Layout, config: Any) -> bool:
-    return all(getattr(config, key, None) == value for key, value in layout.requires.items())
+    return requires_hold(layout.requires, config)

@@ -23,7 +23,7 @@ scale dtype inside :func:`quantkit.quantize`.)
 SmoothQuant's run-time pre-scale (``smooth_inv``: ``o_proj``/``down_proj`` have no norm to fold
 their smoothing into) has no representation in compressed-tensors. :func:`quantize_for_export`
 moves it, in float and before quantization, into the layer that produces that input, where that is
-exact (:data:`PRODUCERS`), and quantizes without run-time pre-scales:
+exact (the ``producers`` of :mod:`quantkit.arch`'s table), and quantizes without run-time pre-scales:
 
 * ``up_proj -> down_proj``: ``down``'s input is ``act(gate(x)) * up(x)``, linear in ``up``'s output
   rows, so dividing row ``j`` of ``up_proj`` (and its bias) by ``s_j`` divides input ``j`` of
@@ -45,7 +45,6 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from . import arch
 from .calibration import ActStats
 from .checkpoint import WEIGHTS_NAME, _dedup_state_dict, atomic_output_dir, float_dtype, quant_config_dict
 from .config import QuantConfig
@@ -67,48 +67,6 @@ CT_FORMAT = {"w8a8": "int-quantized", "w8a16": "pack-quantized"}
 # Written next to config.json: how quantkit made the export (config.json's quantization_config
 # block belongs to compressed-tensors, whose schema forbids extra keys in places).
 PROVENANCE_NAME = "quantkit_export.json"
-
-
-@dataclass(frozen=True)
-class Producer:
-    """``consumer``'s input channels are ``producer``'s last output rows, through a function that is
-    linear in each of those rows (a gate product, ReLU or attention).
-
-    ``heads``: the consumer reads ``num_attention_heads`` heads built from ``num_key_value_heads``
-    value heads (attention: value rows -> output projection); otherwise channel ``j`` of the
-    consumer is row ``j`` of the producer's last ``in_features`` rows.
-    """
-
-    producer: str
-    consumer: str
-    heads: bool = False
-    # Config attributes that must have these values (e.g. OPT's MLP only for ReLU).
-    requires: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-_GATED = (Producer("self_attn.v_proj", "self_attn.o_proj", heads=True), Producer("mlp.up_proj", "mlp.down_proj"))
-
-# Per-architecture knowledge, as data (names relative to the decoder layer). Fused layers: the value
-# rows are the last rows of Phi-3's qkv_proj, the up rows the last half of its gate_up_proj.
-# Unknown architectures, GPT-2 and Falcon (GELU MLPs, fused and interleaved qkv): no producers.
-PRODUCERS: dict[str, tuple[Producer, ...]] = {
-    "llama": _GATED,
-    "mistral": _GATED,
-    "qwen2": _GATED,
-    "qwen3": _GATED,
-    "gemma": _GATED,
-    "gemma2": _GATED,
-    "gemma3": _GATED,
-    "gemma3_text": _GATED,
-    "phi3": (
-        Producer("self_attn.qkv_proj", "self_attn.o_proj", heads=True),
-        Producer("mlp.gate_up_proj", "mlp.down_proj"),
-    ),
-    "opt": (
-        Producer("self_attn.v_proj", "self_attn.out_proj", heads=True),
-        Producer("fc1", "fc2", requires={"activation_function": "relu"}),
-    ),
-}
 
 
 def check_exportable(model: nn.Module, config: QuantConfig) -> None:
@@ -132,8 +90,8 @@ def export_config(config: QuantConfig) -> QuantConfig:
 def fold_pre_scales(model: nn.Module, stats: ActStats, config: QuantConfig) -> tuple[ActStats, list[str]]:
     """Move SmoothQuant's would-be run-time pre-scales into the layers producing those inputs.
 
-    For every :data:`PRODUCERS` pair that ``config`` quantizes on both sides, ``s`` is computed as
-    SmoothQuant does (``max|X|^alpha / max|W|^(1 - alpha)``, tied across query heads that share a
+    For every :class:`quantkit.arch.Producer` pair that ``config`` quantizes on both sides, ``s`` is
+    computed as SmoothQuant does (``max|X|^alpha / max|W|^(1 - alpha)``, tied across query heads that share a
     value head), the producer's rows (and bias) are divided by ``s`` and the consumer's input
     columns multiplied by it. The float function is unchanged up to rounding.
 
@@ -147,7 +105,8 @@ def fold_pre_scales(model: nn.Module, stats: ActStats, config: QuantConfig) -> t
     """
     stats = dict(stats)
     targets = select_targets(model, config)
-    pairs = [p for p in PRODUCERS.get(getattr(model.config, "model_type", ""), ()) if _requires_hold(p, model.config)]
+    spec = arch.spec_for(getattr(model.config, "model_type", ""))
+    pairs = [p for p in spec.producers if arch.requires_hold(p.requires, model.config)]
     modules = dict(model.named_modules())
     done = []
     for prefix in list(modules):
@@ -185,11 +144,7 @@ def _set_weight(module: nn.Module, w_out_in: torch.Tensor) -> None:
     module.weight = nn.Parameter(w.contiguous(), requires_grad=False)
 
 
-def _requires_hold(p: Producer, config: Any) -> bool:
-    return all(getattr(config, k, None) == v for k, v in p.requires.items())
-
-
-def _producer_rows(p: Producer, config: Any, consumer_in: int, producer_out: int, name: str) -> torch.Tensor:
+def _producer_rows(p: arch.Producer, config: Any, consumer_in: int, producer_out: int, name: str) -> torch.Tensor:
     """For each consumer input channel, the producer output row it is linear in."""
     if not p.heads:
         if consumer_in > producer_out:
