@@ -44,9 +44,11 @@ class QuantConfig:
         fallback_smoothing: W8A8 with smoothing only. Layers with no preceding norm to fold the
             smoothing scale into (``o_proj``, ``down_proj``, unknown architectures) get a per-channel
             activation pre-scale applied at run time instead of being left unsmoothed.
-        include: module-name patterns to quantize (empty: every linear layer). See :func:`matches`.
+        include: module-name patterns to quantize with the scheme (empty: every linear layer). See
+            :func:`matches`. ``embeddings`` decides about the embedding tables independently.
         exclude: module-name patterns the scheme never quantizes. ``lm_head`` by default: its
-            activations are the most sensitive to error, so it is left to ``embeddings``.
+            activations are the most sensitive to error, so it is left to ``embeddings`` (with
+            ``embeddings="float"`` it stays float).
         embeddings: ``"int8"`` (default) stores the input embedding table and the output projection
             (``lm_head``) as int8 with one fp32 scale per row (per token), one shared table when the
             model ties them; ``lm_head`` then runs weight-only (W8A16) in either scheme, and embedding
@@ -100,6 +102,17 @@ class QuantConfig:
             return "W8A16"
         smooth = f"SmoothQuant a={self.alpha:g}" if self.smoothing == "smoothquant" else "naive"
         return f"W8A8 {smooth} {self.activations.replace('_', '-')}"
+
+    @property
+    def embeddings_label(self) -> str:
+        """How a quantized model stores its embedding and ``lm_head``, e.g. for reports."""
+        if self.tied_embeddings:
+            return "embedding and lm_head: one int8 table, per-row scales; lm_head weight-only"
+        if any(m.rpartition(".")[2] == "lm_head" for m in self.modules):
+            head = "lm_head in the scheme"
+        else:
+            head = "lm_head int8 weight-only" if self.output_embedding else "lm_head float"
+        return f"embedding {'int8' if self.input_embedding else 'float'}, {head}"
 
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` block written to ``config.json``."""

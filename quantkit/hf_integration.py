@@ -91,6 +91,15 @@ class QuantkitHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        qconfig = self.quantization_config.quant_config
+        placed = set((getattr(model, "hf_device_map", None) or {}).values())
+        if qconfig.tied_embeddings and len(placed) > 1:
+            # Int8TiedHead owns no tensors, so accelerate cannot keep it beside the table it reads.
+            raise QuantkitError(
+                f"this checkpoint's lm_head reads the int8 embedding table, which cannot be split over "
+                f"devices {sorted(map(str, placed))}; load it on one device (device_map=None or one device), "
+                "or quantize with --embeddings float"
+            )
         # Copy misaligned quantized buffers into fresh (64-byte aligned) allocations; see module docstring.
         for module in model.modules():
             if isinstance(module, (*QUANT_MODULES.values(), Int8Embedding)):

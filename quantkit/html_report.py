@@ -270,7 +270,7 @@ def _plots(results: dict[str, Any]) -> list[str]:
                     ("quantized linear layers", [_mib(q) for q in quant], PALETTE[0]),
                     ("float linear layers", [_mib(li - q) for li, q in zip(linear, quant, strict=True)], PALETTE[1]),
                     (
-                        "embeddings, norms, lm_head",
+                        "embeddings, lm_head, norms (int8 or float)",
                         [_mib(t - li) for t, li in zip(total, linear, strict=True)],
                         FLOAT_COLOR,
                     ),
@@ -279,7 +279,8 @@ def _plots(results: dict[str, Any]) -> list[str]:
                 "MiB",
                 stacked=True,
             ),
-            "Parameters and buffers held in memory (int8 weights with their scales count as quantized).",
+            "Parameters and buffers held in memory. Quantized linear layers: int8 weights and their scales; "
+            "the embedding/lm_head bar holds int8 tables where the variant stores them so (see the table).",
         )
     )
 
@@ -378,8 +379,8 @@ def _scheme(row: dict[str, Any]) -> str:
         return f"float {row.get('dtype', '')}".strip()
     from .config import QuantConfig
 
-    label = QuantConfig.from_dict(cfg).label
-    return label + (", int8 embedding/lm_head" if cfg.get("input_embedding") or cfg.get("output_embedding") else "")
+    config = QuantConfig.from_dict(cfg)
+    return f"{config.label}; {config.embeddings_label}"
 
 
 def _provenance(results: dict[str, Any]) -> str:

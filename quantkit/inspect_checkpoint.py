@@ -155,12 +155,16 @@ def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
     embeddings = [n for n in (qconfig.input_embedding, qconfig.output_embedding) if n]
     for m in embeddings:
         if m == qconfig.output_embedding and qconfig.tied_embeddings:
+            if f"{m}.weight" in tensors or f"{m}.weight_scale" in tensors:
+                problems.append(f"{m}: tied to {qconfig.input_embedding} but has a table of its own on disk")
             continue  # shares the input embedding's table, written once under its name
         w, s = tensors.get(f"{m}.weight"), tensors.get(f"{m}.weight_scale")
         if w is None or w.dtype != "I8" or len(w.shape) != 2:
             problems.append(f"{m}: no int8 [rows, dim] table")
         elif s is None or s.dtype != "F32" or s.shape != (w.shape[0],):
             problems.append(f"{m}: weight_scale is not fp32 [{w.shape[0]}]")
+        elif linears is not None and m in linears and linears[m] != w.shape:
+            problems.append(f"{m}: table {list(w.shape)} but the architecture has {list(linears[m])}")
     if qconfig.tied_embeddings and not (qconfig.input_embedding and qconfig.output_embedding):
         problems.append("tied_embeddings without both an input and an output embedding")
     listed = set(modules) | set(embeddings)

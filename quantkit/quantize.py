@@ -220,24 +220,33 @@ def _quantize_embeddings(model: nn.Module) -> dict:
     """Store the input and output embeddings int8 (see ``QuantConfig.embeddings``).
 
     A tied pair becomes one int8 table: an :class:`Int8Embedding` and an :class:`Int8TiedHead`
-    reading it (weight-only). An output projection the scheme already quantized (``lm_head`` not excluded) is
-    left as it is. Returns the ``QuantConfig`` fields that record what was done.
+    reading it (weight-only); a tied pair is converted whole or not at all, since one side alone
+    would keep the float table and add an int8 copy. An output projection the scheme already
+    quantized (``lm_head`` not excluded) is left as it is. Returns the ``QuantConfig`` fields that
+    record what was done.
     """
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_ok = inp is not None and is_float_embedding(inp)
+    out_ok = out is not None and is_float_linear(out) and not FLOAT_LINEARS[type(out).__name__].transposed
+    tied = inp is not None and out is not None and _is_tied(model, out, inp)
+    if tied and not (in_ok and out_ok):
+        in_ok = out_ok = False
+    # transformers reads a model's dtype and device from its parameters: keep one (e.g. OLMo, whose
+    # norms have no weights, would have none left).
+    converted = {id(m.weight) for m, ok in ((inp, in_ok), (out, out_ok)) if ok}
+    if converted and not any(p.is_floating_point() and id(p) not in converted for p in model.parameters()):
+        log.info("embeddings kept in float: they hold the model's only float parameters")
+        in_ok = out_ok = False
+    if inp is not None and not in_ok:
+        log.info("input embedding %s kept in float", type(inp).__name__)
+
     names = {id(m): n for n, m in model.named_modules()}
-    tied = inp is not None and out is not None and _same_tensor(getattr(out, "weight", None), inp.weight)
     done = {"input_embedding": "", "output_embedding": "", "tied_embeddings": False}
-    q_in = None
-    if inp is not None and is_float_embedding(inp):
+    if in_ok:
         q_in = Int8Embedding.from_float(inp)
         _replace_module(model, names[id(inp)], q_in)
         done["input_embedding"] = names[id(inp)]
-    elif inp is not None:
-        log.info("input embedding %s is kept in float (unsupported type)", type(inp).__name__)
-    out_ok = out is not None and is_float_linear(out) and not FLOAT_LINEARS[type(out).__name__].transposed
-    if out_ok and tied and q_in is None:
-        out_ok = False  # an int8 copy beside the float table it is tied to would add memory
     if out_ok:
         if tied:
             q_out = Int8TiedHead(q_in, None if out.bias is None else out.bias.detach().clone())
@@ -255,11 +264,17 @@ def _quantize_embeddings(model: nn.Module) -> dict:
     return done
 
 
-def _same_tensor(a: torch.Tensor | None, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` are one tensor (tied weights); meta tensors all have data_ptr 0."""
-    if a is None or a is b:
-        return a is b
-    return a.device.type != "meta" and a.data_ptr() == b.data_ptr() and a.shape == b.shape
+def _is_tied(model: nn.Module, out: nn.Module, inp: nn.Module) -> bool:
+    """Whether the output projection's weight is the input embedding's (tied weights)."""
+    a, b = getattr(out, "weight", None), inp.weight
+    if a is None or a.shape != b.shape:
+        return False
+    if a is b:
+        return True
+    if a.is_meta or b.is_meta:  # every meta tensor has data_ptr 0: go by the config
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        return bool(getattr(config, "tie_word_embeddings", False))
+    return a.data_ptr() == b.data_ptr()
 
 
 def _untie_if_quantized(model: nn.Module) -> None:

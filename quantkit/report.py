@@ -35,17 +35,12 @@ def _pct(x: float | None) -> str:
 
 def _embedding_notes(rows: list[dict[str, Any]]) -> list[str]:
     """One line saying how the quantized variants store their embeddings ("all weights" depends on it)."""
+    from .config import QuantConfig
+
     how: dict[str, list[str]] = {}
     for r in rows:
-        c = r.get("config")
-        if not c:
-            continue
-        if c.get("input_embedding") or c.get("output_embedding"):
-            tied = ", one table tied to lm_head" if c.get("tied_embeddings") else ""
-            desc = f"embedding and lm_head int8 with per-row scales{tied}; lm_head weight-only"
-        else:
-            desc = "embedding and lm_head in the float dtype"
-        how.setdefault(desc, []).append(r["name"])
+        if r.get("config"):
+            how.setdefault(QuantConfig.from_dict(r["config"]).embeddings_label, []).append(r["name"])
     return [f"Quantized variants ({', '.join(names)}): {desc}." for desc, names in how.items()] + [""] if how else []
 
 

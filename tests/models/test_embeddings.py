@@ -1,7 +1,11 @@
 """int8 embeddings (QuantConfig.embeddings="int8", the default): one int8 table for a tied pair."""
 
+import copy
+import json
+
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from tiny_models import make_tiny
 
@@ -109,3 +113,112 @@ def test_config_field_and_old_format(tmp_path):
     old = {k: v for k, v in d.items() if k not in ("embeddings", "input_embedding", "output_embedding")}
     old = {k: v for k, v in old.items() if k != "tied_embeddings"}
     assert QuantConfig.from_dict({**old, "format_version": 1}).embeddings == "float"
+
+
+def test_model_whose_only_float_parameters_are_embeddings_keeps_them(tmp_path):
+    """OLMo's norms have no weights: int8 embeddings would leave no parameter to read dtype/device from."""
+    config = transformers.OlmoConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    quantkit.quantize(model, QuantConfig(scheme="w8a16"), progress=False)
+    assert is_float_embedding(model.get_input_embeddings()) and model.dtype == torch.bfloat16
+    assert model.config.quantization_config["input_embedding"] == ""
+    quantkit.save(model, tmp_path / "ck")
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_tie_is_found_on_a_meta_model():
+    """Sizing a model without memory (accelerate's init_empty_weights): one table, not two."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(make_tiny("opt").config)
+    quantkit.quantize(model, QuantConfig(scheme="w8a16"), progress=False)
+    assert model.config.quantization_config["tied_embeddings"]
+    assert isinstance(model.get_output_embeddings(), Int8TiedHead)
+
+
+def test_tied_head_with_bias_deepcopy_and_save_pretrained_round_trip(tmp_path):
+    model = make_tiny("opt")
+    model.lm_head.bias = torch.nn.Parameter(torch.randn(256) * 0.1)
+    quantkit.quantize(model, QuantConfig(scheme="w8a16"), progress=False)
+    ids = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        twin = copy.deepcopy(model)
+        assert twin.lm_head.embedding is twin.get_input_embeddings()  # not the original's table
+        assert torch.equal(twin(input_ids=ids).logits, ref)
+        quantkit.save(model, tmp_path / "ck")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+        assert torch.equal(hf(input_ids=ids).logits, ref)
+        hf.save_pretrained(tmp_path / "again")
+        assert torch.equal(quantkit.load(tmp_path / "again")(input_ids=ids).logits, ref)
+
+
+def test_tied_table_cannot_be_split_over_devices(tmp_path):
+    from quantkit.hf_integration import QuantkitHfConfig, QuantkitHfQuantizer
+
+    model = make_tiny("opt")
+    quantkit.quantize(model, QuantConfig(scheme="w8a16"), progress=False)
+    quantizer = QuantkitHfQuantizer(QuantkitHfConfig(**model.config.quantization_config))
+    model.hf_device_map = {"model": 0, "lm_head": "cpu"}
+    with pytest.raises(QuantkitError, match="one device"):
+        quantizer._process_model_after_weight_loading(model)
+    model.hf_device_map = {"": "cpu"}
+    quantizer._process_model_after_weight_loading(model)
+
+
+def test_scales_stay_fp32_through_dtype_casts():
+    from quantkit.nn import W8A8Linear
+
+    lin = torch.nn.Linear(32, 16)
+    q = W8A8Linear.from_float(lin, smooth_inv=torch.rand(32) + 0.5, input_scale=torch.tensor(0.0123))
+    before = {n: b.clone() for n, b in q.named_buffers()}
+    q = q.to(torch.bfloat16).half().float()
+    for name in ("weight_scale", "smooth_inv", "input_scale"):
+        assert getattr(q, name).dtype == torch.float32 and torch.equal(getattr(q, name), before[name]), name
+    assert q.bias.dtype == torch.float32 and q.weight.dtype == torch.int8
+
+
+def test_format_1_checkpoint_on_disk_loads_with_float_embeddings(tmp_path):
+    """A checkpoint written before int8 embeddings existed: same layout, older config block."""
+    from quantkit.cli import main
+
+    model = make_tiny("opt")
+    quantkit.quantize(model, QuantConfig(scheme="w8a16", embeddings="float"), progress=False)
+    quantkit.save(model, tmp_path / "ck")
+    cfg_file = tmp_path / "ck" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    new_keys = ("embeddings", "input_embedding", "output_embedding", "tied_embeddings")
+    qc = {k: v for k, v in cfg["quantization_config"].items() if k not in new_keys}
+    cfg["quantization_config"] = {**qc, "format_version": 1}
+    cfg_file.write_text(json.dumps(cfg))
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        loaded = quantkit.load(tmp_path / "ck")
+        assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+        assert torch.equal(loaded(input_ids=ids).logits, ref)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+        assert torch.equal(hf(input_ids=ids).logits, ref)
+    assert main(["inspect", str(tmp_path / "ck")]) == 0
+
+
+def test_inspect_describes_a_tied_table_and_finds_a_second_copy(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from quantkit.cli import main
+
+    model = make_tiny("opt")
+    quantkit.quantize(model, QuantConfig(scheme="w8a16"), progress=False)
+    quantkit.save(model, tmp_path / "ck")
+    assert main(["inspect", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    assert "int8 (per-row scales): model.decoder.embed_tokens + lm_head, one shared table" in out
+    weights = tmp_path / "ck" / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["lm_head.weight"] = tensors["model.decoder.embed_tokens.weight"].clone()
+    save_file(tensors, str(weights))
+    assert main(["inspect", str(tmp_path / "ck")]) == 1
+    assert "lm_head: tied to model.decoder.embed_tokens but has a table of its own" in capsys.readouterr().out
