@@ -206,7 +206,7 @@ class Int8Embedding(_Int8Module):
         self.out_dtype = dtype
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32, device=device))
-        # Gemma 3's scaled embedding, not saved (as in its float class): rebuilt from the config.
+        # Gemma's scaled embeddings: not saved (as in their float class), rebuilt from the scalar.
         # Kept off the meta device, since no checkpoint fills it.
         self.scalar_embed_scale = embed_scale
         real = "cpu" if device is None or torch.device(device).type == "meta" else device
