@@ -31,7 +31,15 @@ from torch import nn
 
 from .config import QuantConfig
 from .errors import QuantkitError
-from .nn import FLOAT_EMBEDDINGS, Int8Embedding, Int8TiedHead, is_float_embedding, make_empty, weight_out_in
+from .nn import (
+    FLOAT_EMBEDDINGS,
+    Int8Embedding,
+    Int8TiedHead,
+    is_float_embedding,
+    make_empty,
+    replace_module,
+    weight_out_in,
+)
 
 log = logging.getLogger(__name__)
 
@@ -208,52 +216,43 @@ def swap_in_empty_modules(model: nn.Module, qconfig: QuantConfig, keys: set[str]
     buffers exist. Used by :func:`load` and by the transformers integration.
     """
 
-    def swap(name: str, make) -> None:
+    def float_module(name: str) -> nn.Module:
         try:
-            float_mod = model.get_submodule(name)
+            return model.get_submodule(name)
         except AttributeError:
             raise QuantkitError(f"checkpoint lists quantized module {name}, which this model has not") from None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, make(float_mod))
 
-    def linear(scheme: str, name: str):
-        def make(float_mod):
-            out_f, in_f = weight_out_in(float_mod).shape
-            kw = {}
-            if scheme == "w8a8":
-                kw = {"has_smooth": f"{name}.smooth_inv" in keys, "static": f"{name}.input_scale" in keys}
-            return make_empty(scheme, in_f, out_f, f"{name}.bias" in keys, dtype, device="meta", **kw)
-
-        return make
+    def empty_linear(name: str, scheme: str) -> nn.Module:
+        out_f, in_f = weight_out_in(float_module(name)).shape
+        kw = {}
+        if scheme == "w8a8":
+            kw = {"has_smooth": f"{name}.smooth_inv" in keys, "static": f"{name}.input_scale" in keys}
+        return make_empty(scheme, in_f, out_f, f"{name}.bias" in keys, dtype, device="meta", **kw)
 
     for name in qconfig.modules:
-        swap(name, linear(qconfig.scheme, name))
+        replace_module(model, name, empty_linear(name, qconfig.scheme))
+    embedding = None
     if qconfig.input_embedding:
-
-        def embedding(float_mod):
-            if not is_float_embedding(float_mod):
-                raise QuantkitError(f"{qconfig.input_embedding} is a {type(float_mod).__name__}, not an embedding")
-            scaled = FLOAT_EMBEDDINGS[type(float_mod).__name__]
-            return Int8Embedding(
-                float_mod.num_embeddings,
-                float_mod.embedding_dim,
-                dtype,
-                device="meta",
-                padding_idx=float_mod.padding_idx,
-                embed_scale=float_mod.scalar_embed_scale if scaled else None,
-            )
-
-        swap(qconfig.input_embedding, embedding)
-    if qconfig.output_embedding and qconfig.tied_embeddings:  # reads the input embedding's table
-        if not qconfig.input_embedding:
-            raise QuantkitError("checkpoint config ties the output embedding to an input embedding it does not list")
-        embedding = model.get_submodule(qconfig.input_embedding)
-        has_bias = f"{qconfig.output_embedding}.bias" in keys
-        swap(
-            qconfig.output_embedding,
-            lambda m: Int8TiedHead(
-                embedding, torch.empty(m.out_features, dtype=dtype, device="meta") if has_bias else None
-            ),
+        float_emb = float_module(qconfig.input_embedding)
+        if not is_float_embedding(float_emb):
+            raise QuantkitError(f"{qconfig.input_embedding} is a {type(float_emb).__name__}, not an embedding")
+        scaled = FLOAT_EMBEDDINGS[type(float_emb).__name__]
+        embedding = Int8Embedding(
+            float_emb.num_embeddings,
+            float_emb.embedding_dim,
+            dtype,
+            device="meta",
+            padding_idx=float_emb.padding_idx,
+            embed_scale=float_emb.scalar_embed_scale if scaled else None,
         )
+        replace_module(model, qconfig.input_embedding, embedding)
+    if qconfig.output_embedding and qconfig.tied_embeddings:  # reads the input embedding's table
+        if embedding is None:
+            raise QuantkitError("checkpoint config ties the output embedding to an input embedding it does not list")
+        name = qconfig.output_embedding
+        bias = None
+        if f"{name}.bias" in keys:
+            bias = torch.empty(float_module(name).out_features, dtype=dtype, device="meta")
+        replace_module(model, name, Int8TiedHead(embedding, bias))
     elif qconfig.output_embedding:  # weight-only whatever the scheme
-        swap(qconfig.output_embedding, linear("w8a16", qconfig.output_embedding))
+        replace_module(model, qconfig.output_embedding, empty_linear(qconfig.output_embedding, "w8a16"))

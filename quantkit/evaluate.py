@@ -145,6 +145,19 @@ def _timed(fn, device: torch.device, repeats: int, warmup: bool = True) -> float
     return statistics.median(times)
 
 
+def greedy_generate(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Exactly ``n`` greedy tokens after the prompt ``ids`` ``[1, T]``: the decode measurement's workload
+    (speed and peak memory run the same one)."""
+    return model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+    )
+
+
 @torch.no_grad()
 def speed(
     model: nn.Module,
@@ -166,18 +179,8 @@ def speed(
     t_prefill = _timed(lambda: model(input_ids=prompt, use_cache=True, **last_only), device, repeats, warmup)
     short = ids[:DECODE_PROMPT_TOKENS][None, :].to(device)
 
-    def gen(n: int):
-        return model.generate(
-            input_ids=short,
-            attention_mask=torch.ones_like(short),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-        )
-
-    t1 = _timed(lambda: gen(1), device, repeats, warmup)
-    tn = _timed(lambda: gen(1 + decode_tokens), device, repeats, warmup)
+    t1 = _timed(lambda: greedy_generate(model, short, 1), device, repeats, warmup)
+    tn = _timed(lambda: greedy_generate(model, short, 1 + decode_tokens), device, repeats, warmup)
     return {
         "prefill_tokens": prompt.shape[1],
         "prefill_tok_s": prompt.shape[1] / t_prefill,
@@ -244,21 +247,11 @@ def _peak_memory_child(spec: dict[str, Any]) -> dict[str, int]:
     ids = torch.tensor([spec["prompt"]])
     n = spec["decode_tokens"]
 
-    def generate() -> None:
-        model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=0,
-        )
-
-    generate()
+    greedy_generate(model, ids, n)
     _release_free_heap()
     # Writing "5" resets VmHWM to the current RSS (Linux >= 4.0, see proc(5)).
     Path("/proc/self/clear_refs").write_text("5")
-    generate()
+    greedy_generate(model, ids, n)
     peak = _status_bytes("VmHWM")
     return {"peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "peak_memory_bytes": peak - baseline}
 

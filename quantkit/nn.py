@@ -40,6 +40,12 @@ def is_float_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) and type(module).__name__ in FLOAT_LINEARS
 
 
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule called ``name`` (fully qualified)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
 def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The float layer's weight as an ``[out, in]`` view (no copy)."""
     w = module.weight

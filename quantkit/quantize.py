@@ -40,6 +40,7 @@ from .nn import (
     W8A16Linear,
     is_float_embedding,
     is_float_linear,
+    replace_module,
     weight_out_in,
 )
 from .smooth import fold_into_norm, smoothing_scale
@@ -202,18 +203,13 @@ def quantize(
                 kwargs["input_scale"] = abs_max_scale(stats[name].max())
         # The smoothed fp32 weight exists only while this layer is quantized.
         weight = weight_out_in(module).detach().float() * scales[name][None, :] if name in scales else None
-        _replace_module(model, name, cls.from_float(module, weight, **kwargs))
+        replace_module(model, name, cls.from_float(module, weight, **kwargs))
 
     embedding_modules = _quantize_embeddings(model) if config.embeddings == "int8" else {}
     _untie_if_quantized(model)
     done = dataclasses.replace(config, modules=tuple(targets), **embedding_modules)
     model.config.quantization_config = done.to_dict()
     return model
-
-
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def _quantize_embeddings(model: nn.Module) -> dict:
@@ -245,7 +241,7 @@ def _quantize_embeddings(model: nn.Module) -> dict:
     done = {"input_embedding": "", "output_embedding": "", "tied_embeddings": False}
     if in_ok:
         q_in = Int8Embedding.from_float(inp)
-        _replace_module(model, names[id(inp)], q_in)
+        replace_module(model, names[id(inp)], q_in)
         done["input_embedding"] = names[id(inp)]
     if out_ok:
         if tied:
@@ -253,7 +249,7 @@ def _quantize_embeddings(model: nn.Module) -> dict:
             done["tied_embeddings"] = True
         else:
             q_out = W8A16Linear.from_float(out)
-        _replace_module(model, names[id(out)], q_out)
+        replace_module(model, names[id(out)], q_out)
         done["output_embedding"] = names[id(out)]
     log.info(
         "embeddings: input %s, output %s%s",
