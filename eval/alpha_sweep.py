@@ -12,13 +12,14 @@ import torch
 import transformers
 
 import quantkit
-from quantkit import QuantConfig, evaluate
+from quantkit import QuantConfig
+from quantkit.evaluation import measure as evaluate
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens (default: 16)")
 args = parser.parse_args()
 
-d = quantkit.models.prepare_default()
+d = quantkit.formats.float_models.prepare_default()
 m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
 tok = transformers.AutoTokenizer.from_pretrained(d)
 batch = evaluate.windows(evaluate.eval_token_ids(tok), 512, args.windows)

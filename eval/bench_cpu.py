@@ -2,7 +2,7 @@
 
 Per layer: the default model's linear shapes (576->576 q/o, 576->192 k/v, 576->1536 gate/up,
 1536->576 down) at M rows in {1, 4, 16, 64, 512}, each through the module a model would run:
-``nn.Linear`` in fp32 and bf16, :class:`quantkit.nn.W8A16Linear` and :class:`quantkit.nn.W8A8Linear`
+``nn.Linear`` in fp32 and bf16, :class:`quantkit.core.modules.W8A16Linear` and :class:`quantkit.core.modules.W8A8Linear`
 (dynamic per-token activations) with bf16 activations, so the quantized rows go through
 :mod:`quantkit.kernels`' dispatch (the chosen backend is recorded). With ``--cache cold`` (default)
 every call uses the next of enough copies of the weights to exceed the last-level cache twice over,
@@ -11,10 +11,10 @@ weight. Each figure is the median over ``--rounds`` rounds; within a round the f
 back to back, so load changes on the machine hit them alike.
 
 Per model (default model unless ``--model``): prefill tok/s over 512 tokens, decode tok/s and peak
-memory while generating, with the protocols of :mod:`quantkit.evaluate` (the figures ``quantkit
+memory while generating, with the protocols of :mod:`quantkit.evaluation.measure` (the figures ``quantkit
 eval`` reports). Quantized models run with bf16 activations and quantkit's defaults: the tied
 embedding/lm_head is one int8 table, lm_head weight-only. Rounds interleave the four models in one
-process. Peak memory is measured in a fresh process per model (:func:`quantkit.evaluate.peak_memory`).
+process. Peak memory is measured in a fresh process per model (:func:`quantkit.evaluation.measure.peak_memory`).
 
 Every ratio is ``method / fp32`` and ``method / bf16`` of figures from this run. The W8A16 and
 W8A8 checkpoints are made here (calibration on the shipped text) unless ``--checkpoints DIR``
@@ -45,8 +45,9 @@ import torch
 from torch import nn
 
 import quantkit
-from quantkit import evaluate, kernels
-from quantkit.nn import W8A8Linear, W8A16Linear
+from quantkit import kernels
+from quantkit.core.modules import W8A8Linear, W8A16Linear
+from quantkit.evaluation import measure as evaluate
 
 log = logging.getLogger("bench_cpu")
 
@@ -157,7 +158,7 @@ def _make_checkpoints(model: str, out: Path) -> dict[str, Path]:
 
 @torch.no_grad()
 def bench_model(model: str, checkpoints: dict[str, Path], rounds: int, prefill_tokens: int) -> dict[str, Any]:
-    from quantkit.models import load_float
+    from quantkit.formats.float_models import load_float
 
     models: dict[str, nn.Module] = {}
     models["fp32"], tokenizer, float_path = load_float(model, dtype=torch.float32, progress=False)

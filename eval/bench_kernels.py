@@ -90,7 +90,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def make_block(shapes: list[tuple[int, int]], dtype: torch.dtype, seed: int) -> list[Linear]:
-    from quantkit.tensor import quantize_weight_per_channel
+    from quantkit.qmath import quantize_weight_per_channel
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
     block = []
@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
     import triton
 
     from quantkit.kernels import triton_kernels as tk
-    from quantkit.tensor import sqnr_db
+    from quantkit.qmath import sqnr_db
 
     torch.backends.cuda.matmul.allow_tf32 = False  # the float product is the accuracy reference
     dtype = DTYPES[args.dtype]

@@ -10,17 +10,17 @@ Per scheme:
 
 - **prefill**: one forward over ``--prefill-tokens`` random tokens (default 2048) that fills a static
   KV cache, logits for the last token only (as ``generate`` does); tokens/s = tokens / median time
-  (:func:`quantkit.fastgen.time_prefill`).
+  (:func:`quantkit.evaluation.fastgen.time_prefill`).
 - **decode**: ``--decode-tokens`` greedy steps (default 128) after a ``--prompt-tokens`` prompt
-  (default 128) through :class:`quantkit.fastgen.StaticDecoder`: static KV cache, each step one CUDA
+  (default 128) through :class:`quantkit.evaluation.fastgen.StaticDecoder`: static KV cache, each step one CUDA
   graph replay (``--no-cuda-graphs`` for eager launches); tokens/s = steps / median time, prefill
-  excluded (:func:`quantkit.fastgen.time_decode`).
+  excluded (:func:`quantkit.evaluation.fastgen.time_decode`).
 - **weight memory**: bytes of all parameters and buffers, and ``torch.cuda.memory_allocated()``
   after building/quantizing (before any KV cache or graph exists).
 
 W8A16 is round-to-nearest (no calibration). W8A8 is quantkit's default SmoothQuant per-token config
 (alpha 0.5, norm folding, run-time pre-scales on o_proj/down_proj); its statistics come from
-:func:`quantkit.calibration.collect_stats` on ``--calib-samples`` x ``--calib-tokens`` random tokens
+:func:`quantkit.core.calibration.collect_stats` on ``--calib-samples`` x ``--calib-tokens`` random tokens
 (``--w8a8-smoothing none`` for naive W8A8 without statistics). As quantkit's default config does,
 the embedding and lm_head are stored int8 with per-row scales, lm_head weight-only (``--embeddings
 float`` keeps both bf16); ``--quantize-lm-head`` puts lm_head in the scheme instead. While quantizing
@@ -169,7 +169,7 @@ def build_model(config, dtype: torch.dtype, device: torch.device, seed: int) -> 
 def quantize_model(model: torch.nn.Module, scheme: str, args: argparse.Namespace) -> str:
     """Quantize in place; returns how (for the report)."""
     import quantkit
-    from quantkit.calibration import collect_stats
+    from quantkit.core.calibration import collect_stats
 
     common = {"exclude": () if args.quantize_lm_head else quantkit.QuantConfig().exclude, "embeddings": args.embeddings}
     if scheme == "w8a16":
@@ -219,7 +219,7 @@ def _free(device: torch.device) -> None:
 
 
 def measure_scheme(scheme: str, args: argparse.Namespace, device: torch.device) -> dict:
-    from quantkit import fastgen
+    from quantkit.evaluation import fastgen
 
     _free(device)
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0

@@ -12,14 +12,13 @@ Typical use::
     # or, after `import quantkit`: AutoModelForCausalLM.from_pretrained("smollm2-w8a8")
 """
 
-__version__ = "0.1.0"
-
-from . import _hf_hook
-from .checkpoint import load, read_quant_config, save
+from ._version import __version__
 from .config import QuantConfig
+from .core.quantize import calibrate, quantize, select_targets
 from .errors import QuantkitError
-from .models import load_float
-from .quantize import calibrate, quantize, select_targets
+from .formats import hf_hook as _hf_hook
+from .formats.float_models import load_float
+from .formats.native import load, read_quant_config, save
 
 __all__ = [
     "QuantConfig",
@@ -34,5 +33,5 @@ __all__ = [
     "select_targets",
 ]
 
-# Make AutoModelForCausalLM.from_pretrained load quantkit checkpoints (cheap; see quantkit._hf_hook).
+# Make AutoModelForCausalLM.from_pretrained load quantkit checkpoints (cheap; see quantkit.formats.hf_hook).
 _hf_hook.install()

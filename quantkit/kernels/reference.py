@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensor import dequantize, quantize_per_token, quantize_to_int8
+from ..qmath import dequantize, quantize_per_token, quantize_to_int8
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ point of INT8 weights at decode, where the op is bound by the bytes of weight st
     The per-token activation quantization runs inside the GEMM rather than as a separate pass that
     writes int8 activations and scales to memory and reads them back: each program first sweeps its
     BLOCK_M rows over the whole of K for their abs-max (after ``smooth_inv``), turns that into the
-    fp32 per-row scale exactly as :func:`quantkit.tensor.abs_max_scale` does, then quantizes every
+    fp32 per-row scale exactly as :func:`quantkit.qmath.abs_max_scale` does, then quantizes every
     A tile on the fly in the K loop and multiplies it with the int8 weight tile into an int32
     accumulator (``tl.dot(..., out_dtype=tl.int32)``). The epilogue rescales in fp32:
     ``y = float(acc) * row_scale[m] * w_scale[n] + bias``. With a static ``input_scale`` the sweep
@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..tensor import QMAX
+from ..qmath import QMAX
 from . import Impl
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def _round_half_even(v):
 
 @triton.jit
 def _quantize_tile(a, scale):
-    # quantkit.tensor.quantize_to_int8: round(a / scale) clamped to [-127, 127]. Clamping before the
+    # quantkit.qmath.quantize_to_int8: round(a / scale) clamped to [-127, 127]. Clamping before the
     # rounding gives the same result (the bounds are integers) and keeps the rounding trick in range.
     v = tl.math.div_rn(a, scale)
     v = tl.minimum(tl.maximum(v, -127.0), 127.0)
@@ -226,7 +226,7 @@ def _w8a8_kernel(
         row_scale = tl.load(row_scale_ptr + rows)
     else:
         # Fused prologue: abs-max of these rows over the *whole* of K (also under split-K, so every
-        # split quantizes with the same scale), then quantkit.tensor.abs_max_scale.
+        # split quantizes with the same scale), then quantkit.qmath.abs_max_scale.
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)

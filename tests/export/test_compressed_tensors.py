@@ -26,8 +26,9 @@ from tiny_models import TINY_CONFIGS, make_tiny
 
 import quantkit
 from quantkit import QuantConfig, QuantkitError
-from quantkit.calibration import collect_stats
-from quantkit.export import (
+from quantkit.core.calibration import collect_stats
+from quantkit.core.modules import W8A8Linear, W8A16Linear
+from quantkit.formats.compressed_tensors import (
     fold_pre_scales,
     pack_int8,
     quantize_for_export,
@@ -35,8 +36,7 @@ from quantkit.export import (
     unpack_int8,
 )
 from quantkit.kernels import force_backend
-from quantkit.nn import W8A8Linear, W8A16Linear
-from quantkit.tensor import dequantize, sqnr_db
+from quantkit.qmath import dequantize, sqnr_db
 
 ct = pytest.importorskip("compressed_tensors", reason="pip install compressed-tensors (in the test extra)")
 from compressed_tensors.compressors import BaseCompressor  # noqa: E402
@@ -306,13 +306,13 @@ def test_default_model_export_decompresses_exactly(default_float, tmp_path, name
 @pytest.mark.slow
 def test_default_model_w8a8_export_keeps_smoothquant_accuracy(default_float):
     """The export (pre-scales folded, bf16 scales) stays within SmoothQuant's 2% perplexity bar."""
-    from quantkit import evaluate
+    from quantkit.evaluation import measure as evaluate
 
     model, tok, stats = default_float
     batch = evaluate.windows(evaluate.eval_token_ids(tok), 512, 8)
     base = evaluate.perplexity(model, batch, progress=False)
     q = quantize_for_export(copy.deepcopy(model), CONFIGS["w8a8"], stats, progress=False)
     # Model in fp32: round the scales as a bf16 export does, to measure what the export holds.
-    quantkit.export.round_scales(q, torch.bfloat16)
+    quantkit.formats.compressed_tensors.round_scales(q, torch.bfloat16)
     drift = 100 * (evaluate.perplexity(q, batch, progress=False) / base - 1)
     assert drift <= 2.0, drift

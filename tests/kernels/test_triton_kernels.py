@@ -27,7 +27,7 @@ triton = pytest.importorskip("triton")
 from quantkit import kernels  # noqa: E402
 from quantkit.kernels import reference  # noqa: E402
 from quantkit.kernels import triton_kernels as tk  # noqa: E402
-from quantkit.tensor import quantize_per_token, quantize_weight_per_channel, sqnr_db  # noqa: E402
+from quantkit.qmath import quantize_per_token, quantize_weight_per_channel, sqnr_db  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -322,7 +322,7 @@ def test_autotuned_path(m):
 
 
 def test_reference_per_token_quantization_is_the_contract():
-    # The fused kernel reimplements quantkit.tensor's per-token rule; pin that rule here so a change
+    # The fused kernel reimplements quantkit.qmath's per-token rule; pin that rule here so a change
     # to it fails loudly next to the kernel that has to follow it.
     x = torch.tensor([[127.0, 2.5, -3.5, 0.5, 1.5]])
     q, scale = quantize_per_token(x)

@@ -10,7 +10,7 @@ import torch
 
 from quantkit import kernels
 from quantkit.kernels import cpu, reference
-from quantkit.tensor import quantize_weight_per_channel, sqnr_db
+from quantkit.qmath import quantize_weight_per_channel, sqnr_db
 
 SHAPES = [(1, 64, 96), (3, 7, 5), (17, 576, 192), (33, 96, 130), (2, 24, 16)]
 

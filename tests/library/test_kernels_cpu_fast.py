@@ -16,7 +16,7 @@ from tiny_models import make_tiny
 import quantkit
 from quantkit import QuantConfig, kernels
 from quantkit.kernels import cpu, cpu_fused, reference
-from quantkit.tensor import quantize_weight_per_channel, sqnr_db
+from quantkit.qmath import quantize_weight_per_channel, sqnr_db
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (M, K, N): decode rows, odd K (no SIMD multiple, below one vector), tails of 8 and 32, the
@@ -176,7 +176,7 @@ def test_tiny_model_logits_fused_vs_reference(fused, scheme, dtype, embeddings):
     model = make_tiny("llama")
     stats = None
     if scheme == "w8a8":
-        from quantkit.calibration import collect_stats
+        from quantkit.core.calibration import collect_stats
 
         torch.manual_seed(0)
         targets = quantkit.select_targets(model, QuantConfig())
@@ -200,7 +200,7 @@ def test_tiny_model_logits_fused_vs_reference(fused, scheme, dtype, embeddings):
 
 def test_peak_memory_in_a_fresh_process(tmp_path):
     """The eval's peak-memory figure: measured in a child process, weights included, libraries not."""
-    from quantkit import evaluate
+    from quantkit.evaluation import measure as evaluate
 
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("peak memory is measured on Linux only")

@@ -1,6 +1,6 @@
 import torch
 
-from quantkit.tensor import QMAX, dequantize, quantize_per_token, quantize_weight_per_channel, sqnr_db
+from quantkit.qmath import QMAX, dequantize, quantize_per_token, quantize_weight_per_channel, sqnr_db
 
 
 def test_weight_per_channel_roundtrip_error_is_half_a_step():

@@ -2,7 +2,7 @@
 
 Protocol: the README's perplexity protocol exactly (32 evenly spaced non-overlapping 512-token
 windows of Emma, fp32 activations); calibration is the shipped default (16 x 512 tokens of
-Persuasion), which never overlaps the evaluation text. Peak memory follows quantkit.evaluate's
+Persuasion), which never overlaps the evaluation text. Peak memory follows quantkit.evaluation.measure's
 protocol (fresh process per model), with fewer decode steps.
 """
 
@@ -13,8 +13,8 @@ import torch
 import transformers
 
 import quantkit
-from quantkit import evaluate
-from quantkit.pipeline import DEFAULT_VARIANTS
+from quantkit.evaluation import measure as evaluate
+from quantkit.evaluation.pipeline import DEFAULT_VARIANTS
 
 pytestmark = pytest.mark.slow
 WINDOWS = 32
@@ -86,7 +86,7 @@ def test_w8a8_peak_memory_while_generating_at_most_60_percent_of_bf16(measured, 
 def test_w8a8_checkpoint_generates_coherent_text(measured):
     _, path, tok = measured
     model = quantkit.load(path)
-    assert isinstance(model.model.layers[0].self_attn.q_proj, quantkit.nn.W8A8Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, quantkit.core.modules.W8A8Linear)
     answers = {"The capital of France is": "Paris", "The first man to walk on the moon was": "Armstrong"}
     for prompt, expected in answers.items():
         ids = tok(prompt, return_tensors="pt").input_ids

@@ -11,8 +11,8 @@ from tiny_models import make_tiny
 
 import quantkit
 from quantkit import QuantConfig, QuantkitError
-from quantkit.evaluate import weight_bytes
-from quantkit.nn import Int8Embedding, Int8TiedHead, W8A16Linear, is_float_embedding, is_float_linear
+from quantkit.core.modules import Int8Embedding, Int8TiedHead, W8A16Linear, is_float_embedding, is_float_linear
+from quantkit.evaluation.measure import weight_bytes
 
 
 def _tied(arch):
@@ -93,7 +93,7 @@ def test_float_embeddings_keep_the_tie(tmp_path):
 def test_lm_head_in_the_scheme_leaves_the_input_embedding_alone_in_int8():
     """exclude=() puts lm_head in the scheme (W8A8); the input embedding is then int8 on its own."""
     model = make_tiny("opt")
-    from quantkit.calibration import collect_stats
+    from quantkit.core.calibration import collect_stats
 
     config = QuantConfig(scheme="w8a8", smoothing="none", exclude=())
     stats = collect_stats(model, torch.randint(0, 256, (2, 16)), quantkit.select_targets(model, config), progress=False)
@@ -157,7 +157,7 @@ def test_tied_head_with_bias_deepcopy_and_save_pretrained_round_trip(tmp_path):
 
 
 def test_tied_table_cannot_be_split_over_devices(tmp_path):
-    from quantkit.hf_integration import QuantkitHfConfig, QuantkitHfQuantizer
+    from quantkit.formats.hf_quantizer import QuantkitHfConfig, QuantkitHfQuantizer
 
     model = make_tiny("opt")
     quantkit.quantize(model, QuantConfig(scheme="w8a16"), progress=False)
@@ -170,7 +170,7 @@ def test_tied_table_cannot_be_split_over_devices(tmp_path):
 
 
 def test_scales_stay_fp32_through_dtype_casts():
-    from quantkit.nn import W8A8Linear
+    from quantkit.core.modules import W8A8Linear
 
     lin = torch.nn.Linear(32, 16)
     q = W8A8Linear.from_float(lin, smooth_inv=torch.rand(32) + 0.5, input_scale=torch.tensor(0.0123))

@@ -21,9 +21,9 @@ import torch
 from tiny_models import make_tiny
 
 import quantkit
-from quantkit.calibration import collect_stats
-from quantkit.fastgen import StaticDecoder, cache_supports_graphs, generate_greedy, time_decode, time_prefill
-from quantkit.nn import QUANT_MODULES
+from quantkit.core.calibration import collect_stats
+from quantkit.core.modules import QUANT_MODULES
+from quantkit.evaluation.fastgen import StaticDecoder, cache_supports_graphs, generate_greedy, time_decode, time_prefill
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

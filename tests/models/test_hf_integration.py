@@ -13,9 +13,9 @@ from tiny_models import make_tiny
 
 import quantkit
 from quantkit import QuantConfig
-from quantkit.calibration import collect_stats
-from quantkit.hf_integration import QuantkitHfConfig, register, registered, supported
-from quantkit.nn import W8A8Linear, W8A16Linear
+from quantkit.core.calibration import collect_stats
+from quantkit.core.modules import W8A8Linear, W8A16Linear
+from quantkit.formats.hf_quantizer import QuantkitHfConfig, register, registered, supported
 
 pytestmark = pytest.mark.skipif(not supported(), reason="transformers >= 5 needed for the quantizer registry")
 
@@ -86,7 +86,7 @@ def test_registration_is_idempotent_and_registered():
 
 
 def test_unsupported_transformers_registers_nothing(monkeypatch):
-    import quantkit.hf_integration as hf
+    import quantkit.formats.hf_quantizer as hf
 
     monkeypatch.delattr(hf._auto, "register_quantizer")
     assert not hf.supported() and not hf.register()

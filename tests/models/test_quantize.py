@@ -6,8 +6,8 @@ from tiny_models import make_tiny
 
 import quantkit
 from quantkit import QuantConfig, QuantkitError
-from quantkit.nn import Int8Embedding, Int8TiedHead, W8A8Linear, W8A16Linear, is_float_linear
-from quantkit.tensor import sqnr_db
+from quantkit.core.modules import Int8Embedding, Int8TiedHead, W8A8Linear, W8A16Linear, is_float_linear
+from quantkit.qmath import sqnr_db
 
 CONFIGS = {
     "w8a16": QuantConfig(scheme="w8a16"),
@@ -19,7 +19,7 @@ CONFIGS = {
 def _stats(model, seed=0):
     torch.manual_seed(seed)
     samples = torch.randint(0, 256, (4, 32))
-    from quantkit.calibration import collect_stats
+    from quantkit.core.calibration import collect_stats
 
     return collect_stats(model, samples, quantkit.select_targets(model, QuantConfig()), progress=False)
 

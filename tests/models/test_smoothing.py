@@ -8,10 +8,11 @@ import pytest
 import torch
 from tiny_models import make_tiny
 
-from quantkit import QuantConfig, arch, select_targets
-from quantkit.nn import FLOAT_LINEARS, weight_out_in
-from quantkit.quantize import _plan_smoothing
-from quantkit.smooth import smoothing_scale
+from quantkit import QuantConfig, select_targets
+from quantkit.core import arch
+from quantkit.core.modules import FLOAT_LINEARS, weight_out_in
+from quantkit.core.quantize import _plan_smoothing
+from quantkit.core.smoothquant import smoothing_scale
 
 
 def _random_stats(targets, seed=0):

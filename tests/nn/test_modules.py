@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from quantkit.nn import W8A8Linear, W8A16Linear
-from quantkit.smooth import smoothing_scale
-from quantkit.tensor import sqnr_db
+from quantkit.core.modules import W8A8Linear, W8A16Linear
+from quantkit.core.smoothquant import smoothing_scale
+from quantkit.qmath import sqnr_db
 
 
 @pytest.fixture

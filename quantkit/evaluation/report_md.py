@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import QuantkitError
+from ..errors import QuantkitError
 
 
 def read_results(paths: list[str | Path]) -> list[dict[str, Any]]:
@@ -35,7 +35,7 @@ def _pct(x: float | None) -> str:
 
 def _embedding_notes(rows: list[dict[str, Any]]) -> list[str]:
     """One line saying how the quantized variants store their embeddings ("all weights" depends on it)."""
-    from .config import QuantConfig
+    from ..config import QuantConfig
 
     how: dict[str, list[str]] = {}
     for r in rows:

@@ -11,7 +11,7 @@ table are still quantized; with ``fallback_smoothing`` they get a run-time per-c
 
 Each entry also lists its :class:`Producer` pairs: layers whose input is linear in each output row
 of an earlier layer, where the compressed-tensors export moves that run-time pre-scale instead
-(see :mod:`quantkit.export`). Names are relative to the decoder layer.
+(see :mod:`quantkit.formats.compressed_tensors`). Names are relative to the decoder layer.
 """
 
 from __future__ import annotations

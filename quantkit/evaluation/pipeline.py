@@ -3,7 +3,7 @@ quantize -> evaluate -> report loop on one model.
 
 Speed for one results file is measured in one process, so speed ratios compare runs on the same
 machine under the same load. Peak memory is the exception: each model is measured in a fresh
-process of its own (see :func:`quantkit.evaluate.peak_memory`), so one model's allocations never
+process of its own (see :func:`quantkit.measure.peak_memory`), so one model's allocations never
 count against another's.
 """
 
@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
-from . import evaluate
-from .checkpoint import atomic_output_dir, check_output_dir, load, read_quant_config, save
-from .config import QuantConfig
-from .models import load_float
-from .quantize import calibrate, quantize
+from ..config import QuantConfig
+from ..core.quantize import calibrate, quantize
+from ..formats.float_models import load_float
+from ..formats.native import atomic_output_dir, check_output_dir, load, read_quant_config, save
+from . import measure
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ def evaluate_all(
     checkpoints: dict[str, Path],
     *,
     text: str | Path | None = None,
-    n_windows: int = evaluate.DEFAULT_WINDOWS,
-    window: int = evaluate.DEFAULT_WINDOW,
+    n_windows: int = measure.DEFAULT_WINDOWS,
+    window: int = measure.DEFAULT_WINDOW,
     ppl_dtype: str = "float32",
     speed_dtypes: tuple[str, ...] = ("bfloat16", "float32"),
     measure_speed: bool = True,
@@ -65,14 +65,14 @@ def evaluate_all(
     for dtype_name in dict.fromkeys((ppl_dtype, *speed_dtypes)):
         model, tokenizer, base_path = load_float(baseline, dtype=_float_dtype(dtype_name), device=device)
         if batch is None:
-            ids = evaluate.eval_token_ids(tokenizer, text)
-            batch = evaluate.windows(ids, window, n_windows)
+            ids = measure.eval_token_ids(tokenizer, text)
+            batch = measure.windows(ids, window, n_windows)
         row: dict[str, Any] = {"name": f"float ({dtype_name})", "kind": "float", "dtype": dtype_name}
-        row["perplexity"] = evaluate.perplexity(model, batch, progress=progress, desc=f"Perplexity {row['name']}")
-        row["weight_bytes"] = evaluate.weight_bytes(model)
-        row["checkpoint_bytes"] = evaluate.dir_bytes(base_path)
+        row["perplexity"] = measure.perplexity(model, batch, progress=progress, desc=f"Perplexity {row['name']}")
+        row["weight_bytes"] = measure.weight_bytes(model)
+        row["checkpoint_bytes"] = measure.dir_bytes(base_path)
         if measure_speed and dtype_name in speed_dtypes:
-            row["speed"] = evaluate.speed(model, ids)
+            row["speed"] = measure.speed(model, ids)
             _add_peak_memory(row["speed"], base_path, "float", dtype_name, ids, device)
         rows.append(row)
         del model
@@ -88,16 +88,16 @@ def evaluate_all(
             "path": str(path),
         }
         model = load(path, dtype=_float_dtype(ppl_dtype), device=device)
-        row["perplexity"] = evaluate.perplexity(model, batch, progress=progress, desc=f"Perplexity {name}")
+        row["perplexity"] = measure.perplexity(model, batch, progress=progress, desc=f"Perplexity {name}")
         if measure_speed:
             if speed_dtypes[0] != ppl_dtype:
                 del model
                 model = load(path, dtype=_float_dtype(speed_dtypes[0]), device=device)
             row["speed_dtype"] = speed_dtypes[0]
-            row["speed"] = evaluate.speed(model, ids)
+            row["speed"] = measure.speed(model, ids)
             _add_peak_memory(row["speed"], path, "quantized", speed_dtypes[0], ids, device)
-        row["weight_bytes"] = evaluate.weight_bytes(model)
-        row["checkpoint_bytes"] = evaluate.dir_bytes(path)
+        row["weight_bytes"] = measure.weight_bytes(model)
+        row["checkpoint_bytes"] = measure.dir_bytes(path)
         rows.append(row)
         del model
         gc.collect()
@@ -105,15 +105,15 @@ def evaluate_all(
     return {
         "schema": "quantkit.eval/1",
         "command": " ".join(shlex.quote(a) for a in sys.argv),
-        "environment": evaluate.environment(),
+        "environment": measure.environment(),
         "protocol": {
-            "text": str(Path(text or evaluate.DEFAULT_EVAL_TEXT).name),
+            "text": str(Path(text or measure.DEFAULT_EVAL_TEXT).name),
             "window": window,
             "windows": int(batch.shape[0]),
             "tokens_scored": int(batch.shape[0] * (batch.shape[1] - 1)),
             "perplexity_dtype": ppl_dtype,
             "speed_dtypes": list(speed_dtypes),
-            "peak_memory": evaluate.PEAK_MEMORY_METHOD if measure_speed and device == "cpu" else None,
+            "peak_memory": measure.PEAK_MEMORY_METHOD if measure_speed and device == "cpu" else None,
             "device": device,
         },
         "baseline": f"float ({ppl_dtype})",
@@ -122,14 +122,14 @@ def evaluate_all(
 
 
 def _add_peak_memory(speed: dict[str, Any], path: Path, kind: str, dtype: str, ids: torch.Tensor, device: str) -> None:
-    """Add ``peak_memory_bytes`` (see :func:`quantkit.evaluate.peak_memory`) to a row's speed figures.
+    """Add ``peak_memory_bytes`` (see :func:`quantkit.measure.peak_memory`) to a row's speed figures.
 
     CPU only: the figure is the process's resident memory, which does not see GPU memory.
     """
     if device != "cpu":
         return
-    mem = evaluate.peak_memory(
-        path, kind=kind, dtype=dtype, prompt=ids[: evaluate.DECODE_PROMPT_TOKENS], decode_tokens=speed["decode_tokens"]
+    mem = measure.peak_memory(
+        path, kind=kind, dtype=dtype, prompt=ids[: measure.DECODE_PROMPT_TOKENS], decode_tokens=speed["decode_tokens"]
     )
     if mem is not None:
         speed["peak_memory_bytes"] = mem["peak_memory_bytes"]
@@ -140,7 +140,7 @@ def run_default_job(
     out: Path,
     *,
     overwrite: bool = False,
-    n_windows: int = evaluate.DEFAULT_WINDOWS,
+    n_windows: int = measure.DEFAULT_WINDOWS,
     calibration: str | None = None,
     n_samples: int = 16,
     seq_len: int = 512,
@@ -148,9 +148,9 @@ def run_default_job(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Calibrate once, write every default variant, evaluate them all, write the report."""
-    from .html_report import write_html
     from .layer_error import attach_layer_errors
-    from .report import write_markdown
+    from .report_html import write_html
+    from .report_md import write_markdown
 
     check_output_dir(out, overwrite)
     t0 = time.time()

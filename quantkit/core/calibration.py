@@ -16,13 +16,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import QuantkitError
+from ..errors import QuantkitError
 
 log = logging.getLogger(__name__)
 
 ActStats = dict[str, torch.Tensor]
 
-DEFAULT_CALIBRATION = Path(__file__).resolve().parent.parent / "calibration" / "persuasion.txt"
+DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "calibration" / "persuasion.txt"
 DEFAULT_SAMPLES = 16
 DEFAULT_SEQ_LEN = 512
 

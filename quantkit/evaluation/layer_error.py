@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import evaluate
-from .checkpoint import load, read_quant_config
-from .models import load_float
-from .tensor import sqnr_db
+from ..formats.float_models import load_float
+from ..formats.native import load, read_quant_config
+from ..qmath import sqnr_db
+from . import measure
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def attach_layer_errors(
     Returns ``results`` (modified in place).
     """
     float_model, tokenizer, _ = load_float(baseline, dtype=torch.float32, device=device, progress=progress)
-    ids = evaluate.eval_token_ids(tokenizer, text)[:tokens][None, :]
+    ids = measure.eval_token_ids(tokenizer, text)[:tokens][None, :]
     rows = {r["name"]: r for r in results["rows"]}
     for name, path in tqdm(checkpoints.items(), desc="Per-layer error", unit="model", disable=not progress):
         row = rows.get(name)
@@ -92,7 +92,7 @@ def attach_layer_errors(
         gc.collect()
     results["layer_error"] = {
         "metric": "output SQNR (dB) of each quantized linear layer in situ, vs the float (fp32) model",
-        "text": Path(text or evaluate.DEFAULT_EVAL_TEXT).name,
+        "text": Path(text or measure.DEFAULT_EVAL_TEXT).name,
         "tokens": int(ids.shape[1]),
     }
     return results

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import QuantkitError
+from ..errors import QuantkitError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def prepare_default(*, progress: bool = True) -> Path:
     Idempotent: a complete folder in the cache is reused. The conversion writes to a temporary
     folder that is renamed into place at the end, so an interrupted conversion is redone next time.
     """
-    from .checkpoint import atomic_output_dir
+    from .native import atomic_output_dir
 
     out = cache_dir() / "models" / "smollm2-135m-instruct"
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():

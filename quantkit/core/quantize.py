@@ -19,6 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import QuantConfig, matches
+from ..errors import QuantkitError
+from ..qmath import abs_max_scale
 from . import arch
 from .calibration import (
     DEFAULT_CALIBRATION,
@@ -29,9 +32,7 @@ from .calibration import (
     make_samples,
     read_texts,
 )
-from .config import QuantConfig, matches
-from .errors import QuantkitError
-from .nn import (
+from .modules import (
     FLOAT_LINEARS,
     QUANT_MODULES,
     Int8Embedding,
@@ -43,8 +44,7 @@ from .nn import (
     replace_module,
     weight_out_in,
 )
-from .smooth import fold_into_norm, smoothing_scale
-from .tensor import abs_max_scale
+from .smoothquant import fold_into_norm, smoothing_scale
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ scale dtype inside :func:`quantkit.quantize`.)
 SmoothQuant's run-time pre-scale (``smooth_inv``: ``o_proj``/``down_proj`` have no norm to fold
 their smoothing into) has no representation in compressed-tensors. :func:`quantize_for_export`
 moves it, in float and before quantization, into the layer that produces that input, where that is
-exact (the ``producers`` of :mod:`quantkit.arch`'s table), and quantizes without run-time pre-scales:
+exact (the ``producers`` of :mod:`quantkit.core.arch`'s table), and quantizes without run-time pre-scales:
 
 * ``up_proj -> down_proj``: ``down``'s input is ``act(gate(x)) * up(x)``, linear in ``up``'s output
   rows, so dividing row ``j`` of ``up_proj`` (and its bias) by ``s_j`` divides input ``j`` of
@@ -52,14 +52,14 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import arch
-from .calibration import ActStats
-from .checkpoint import WEIGHTS_NAME, _dedup_state_dict, atomic_output_dir, float_dtype, quant_config_dict
-from .config import QuantConfig
-from .errors import QuantkitError
-from .nn import FLOAT_LINEARS, W8A8Linear, W8A16Linear, weight_out_in
-from .quantize import quantize, select_targets
-from .smooth import smoothing_scale
+from ..config import QuantConfig
+from ..core import arch
+from ..core.calibration import ActStats
+from ..core.modules import FLOAT_LINEARS, W8A8Linear, W8A16Linear, weight_out_in
+from ..core.quantize import quantize, select_targets
+from ..core.smoothquant import smoothing_scale
+from ..errors import QuantkitError
+from .native import WEIGHTS_NAME, _dedup_state_dict, atomic_output_dir, float_dtype, quant_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def export_config(config: QuantConfig) -> QuantConfig:
 def fold_pre_scales(model: nn.Module, stats: ActStats, config: QuantConfig) -> tuple[ActStats, list[str]]:
     """Move SmoothQuant's would-be run-time pre-scales into the layers producing those inputs.
 
-    For every :class:`quantkit.arch.Producer` pair that ``config`` quantizes on both sides, ``s`` is
+    For every :class:`quantkit.core.arch.Producer` pair that ``config`` quantizes on both sides, ``s`` is
     computed as SmoothQuant does (``max|X|^alpha / max|W|^(1 - alpha)``, tied across query heads that share a
     value head), the producer's rows (and bias) are divided by ``s`` and the consumer's input
     columns multiplied by it. The float function is unchanged up to rounding.

@@ -7,7 +7,7 @@ the comparison table (one row per variant), and plots drawn by the small SVG hel
 * speed relative to bf16 by tokens per forward pass (decode: 1 token, prefill: the prompt);
 * bytes by kind (quantized linear layers, float linear layers, everything else);
 * per-layer output error (SQNR in dB, layer by layer), when the results carry it
-  (see :mod:`quantkit.layer_error`).
+  (see :mod:`quantkit.evaluation.layer_error`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .report import table_rows
+from .report_md import table_rows
 
 # Colour-blind-safe palette (Okabe-Ito); float baselines are drawn in grey.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -377,7 +377,7 @@ def _scheme(row: dict[str, Any]) -> str:
     cfg = row.get("config")
     if not cfg:
         return f"float {row.get('dtype', '')}".strip()
-    from .config import QuantConfig
+    from ..config import QuantConfig
 
     config = QuantConfig.from_dict(cfg)
     return f"{config.label}; {config.embeddings_label}"
@@ -444,7 +444,7 @@ code{font:13px ui-monospace,SFMono-Regular,Menlo,monospace;background:#f4f4f4;pa
 
 def html_report(all_results: list[dict[str, Any]], titles: list[str] | None = None) -> str:
     """The whole page for one or more results files (``titles``: one heading per file)."""
-    from . import __version__
+    from .._version import __version__
 
     parts = [
         "<!DOCTYPE html>",

@@ -2,7 +2,7 @@
 
 ``import quantkit`` registers the quantization method ``"quantkit"`` (the ``quant_method`` of the
 ``quantization_config`` that :func:`quantkit.save` writes) with transformers' quantizer registry:
-importing this module registers it, and :mod:`quantkit._hf_hook` imports this module as soon as
+importing this module registers it, and :mod:`quantkit.formats.hf_hook` imports this module as soon as
 transformers' registry is imported (not before: that import is slow). From then on::
 
     import quantkit  # noqa: F401  (registers the "quantkit" quantization method)
@@ -11,8 +11,8 @@ transformers' registry is imported (not before: that import is slow). From then 
     model = AutoModelForCausalLM.from_pretrained("smollm2-w8a8")
 
 builds the model skeleton on the meta device, swaps every layer named in the config's ``modules``
-for quantkit's :class:`~quantkit.nn.W8A8Linear` / :class:`~quantkit.nn.W8A16Linear`, and int8
-embeddings for :class:`~quantkit.nn.Int8Embedding` / :class:`~quantkit.nn.Int8TiedHead` (before any
+for quantkit's :class:`~quantkit.core.modules.W8A8Linear` / :class:`~quantkit.core.modules.W8A16Linear`, and int8
+embeddings for :class:`~quantkit.core.modules.Int8Embedding` / :class:`~quantkit.core.modules.Int8TiedHead` (before any
 weight is read, so int8 weights never pass through a float layer) and lets transformers load the
 checkpoint into their buffers. The result computes bit-for-bit what :func:`quantkit.load` gives.
 
@@ -39,11 +39,11 @@ from safetensors import safe_open
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ._hf_hook import transformers_supported
-from .checkpoint import swap_in_empty_modules
-from .config import QUANT_METHOD, QuantConfig
-from .errors import QuantkitError
-from .nn import QUANT_MODULES, Int8Embedding
+from ..config import QUANT_METHOD, QuantConfig
+from ..core.modules import QUANT_MODULES, Int8Embedding
+from ..errors import QuantkitError
+from .hf_hook import transformers_supported
+from .native import swap_in_empty_modules
 
 log = logging.getLogger(__name__)
 
@@ -150,4 +150,4 @@ def registered() -> bool:
     return supported() and QUANT_METHOD in _auto.AUTO_QUANTIZER_MAPPING
 
 
-register()  # on import: quantkit._hf_hook imports this module when transformers' registry loads
+register()  # on import: quantkit.formats.hf_hook imports this module when transformers' registry loads

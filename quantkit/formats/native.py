@@ -29,9 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import QuantConfig
-from .errors import QuantkitError
-from .nn import (
+from ..config import QuantConfig
+from ..core.modules import (
     FLOAT_EMBEDDINGS,
     Int8Embedding,
     Int8TiedHead,
@@ -40,6 +39,7 @@ from .nn import (
     replace_module,
     weight_out_in,
 )
+from ..errors import QuantkitError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def quant_config_dict(model: nn.Module) -> dict:
     """The model's quantkit ``quantization_config`` block, however it was loaded.
 
     ``quantkit.quantize``/``quantkit.load`` keep it as a dict; ``from_pretrained`` as a
-    :class:`~quantkit.hf_integration.QuantkitHfConfig`, whose ``to_dict()`` is that same dict.
+    :class:`~quantkit.formats.hf_quantizer.QuantkitHfConfig`, whose ``to_dict()`` is that same dict.
     """
     qc = getattr(model.config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict) and hasattr(qc, "to_dict"):

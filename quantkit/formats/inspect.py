@@ -21,10 +21,10 @@ from typing import Any
 from safetensors import safe_open
 from torch import nn
 
-from .config import QuantConfig
-from .errors import QuantkitError
-from .export import PROVENANCE_NAME
-from .nn import is_float_linear, weight_out_in
+from ..config import QuantConfig
+from ..core.modules import is_float_linear, weight_out_in
+from ..errors import QuantkitError
+from .compressed_tensors import PROVENANCE_NAME
 
 _DTYPE_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
 

@@ -15,8 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
-from . import kernels
-from .tensor import quantize_weight_per_channel
+from .. import kernels
+from ..qmath import quantize_weight_per_channel
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import importlib.metadata
 import sys
 
 REGISTRY_MODULE = "transformers.quantizers.auto"
-MIN_TRANSFORMERS_MAJOR = 5  # see quantkit.hf_integration
+MIN_TRANSFORMERS_MAJOR = 5  # see quantkit.formats.hf_quantizer
 
 
 def transformers_supported() -> bool:
@@ -32,7 +32,7 @@ def _register() -> None:
     # Importing the integration module registers it (at its end). If it is the module being
     # imported right now (it imports the registry), this returns it half-done and it registers
     # itself when it finishes.
-    importlib.import_module("quantkit.hf_integration")
+    importlib.import_module("quantkit.formats.hf_quantizer")
 
 
 class _RegisterAfterExec(importlib.abc.Loader):

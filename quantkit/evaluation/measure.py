@@ -48,12 +48,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import QuantkitError
-from .nn import QUANT_MODULES, is_float_linear
+from ..core.modules import QUANT_MODULES, is_float_linear
+from ..errors import QuantkitError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EVAL_TEXT = Path(__file__).resolve().parent.parent / "eval" / "emma.txt"
+DEFAULT_EVAL_TEXT = Path(__file__).resolve().parents[2] / "eval" / "emma.txt"
 DEFAULT_WINDOW = 512
 DEFAULT_WINDOWS = 32
 # Prompt length of the decode measurement (speed and peak memory).
@@ -218,9 +218,9 @@ def _peak_memory_child(spec: dict[str, Any]) -> dict[str, int]:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .checkpoint import load
-    from .kernels import cpu_fused
-    from .models import load_float
+    from ..formats.float_models import load_float
+    from ..formats.native import load
+    from ..kernels import cpu_fused
 
     torch.set_grad_enabled(False)
     # Building the model skeleton on the meta device (no weights) imports and initializes every
@@ -281,12 +281,12 @@ def peak_memory(
         "decode_tokens": decode_tokens,
     }
     code = (
-        "import json, sys; from quantkit.evaluate import _peak_memory_child as f; "
+        "import json, sys; from quantkit.evaluation.measure import _peak_memory_child as f; "
         "print('QUANTKIT_RESULT ' + json.dumps(f(json.loads(sys.argv[1]))))"
     )
     # The child must import this same quantkit, wherever it is installed or checked out.
     env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, timeout=timeout, env=env
@@ -303,7 +303,7 @@ def environment() -> dict[str, Any]:
     """Machine and versions, so every number in a report says where it came from."""
     import transformers
 
-    from . import __version__
+    from .._version import __version__
 
     env: dict[str, Any] = {
         "quantkit": __version__,
