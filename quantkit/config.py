@@ -27,6 +27,13 @@ ACT_GRANULARITIES = ("per_token", "per_tensor")
 SMOOTHINGS = ("smoothquant", "none")
 EMBEDDINGS = ("int8", "float")
 
+# Defaults shared by the API and the CLI (which imports this module, not torch, to build --help).
+DEFAULT_ALPHA = 0.5  # the SmoothQuant paper's migration strength
+DEFAULT_SAMPLES = 16  # calibration windows
+DEFAULT_SEQ_LEN = 512  # tokens per calibration window
+DEFAULT_EVAL_WINDOW = 512  # tokens per perplexity window
+DEFAULT_EVAL_WINDOWS = 32  # perplexity windows
+
 
 @dataclass(frozen=True)
 class QuantConfig:
@@ -59,7 +66,7 @@ class QuantConfig:
     scheme: Scheme = "w8a8"
     activations: ActGranularity = "per_token"
     smoothing: Smoothing = "smoothquant"
-    alpha: float = 0.5
+    alpha: float = DEFAULT_ALPHA
     fallback_smoothing: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)

@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 ActStats = dict[str, torch.Tensor]
 
 DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "calibration" / "persuasion.txt"
-DEFAULT_SAMPLES = 16
-DEFAULT_SEQ_LEN = 512
 
 
 def read_texts(path: str | Path) -> list[str]:

@@ -19,14 +19,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import QuantConfig, matches
+from ..config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig, matches
 from ..errors import QuantkitError
 from ..qmath import abs_max_scale
 from . import arch
 from .calibration import (
     DEFAULT_CALIBRATION,
-    DEFAULT_SAMPLES,
-    DEFAULT_SEQ_LEN,
     ActStats,
     collect_stats,
     make_samples,

@@ -48,14 +48,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import DEFAULT_EVAL_WINDOW, DEFAULT_EVAL_WINDOWS
 from ..core.modules import QUANT_MODULES, is_float_linear
 from ..errors import QuantkitError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_EVAL_TEXT = Path(__file__).resolve().parents[2] / "eval" / "emma.txt"
-DEFAULT_WINDOW = 512
-DEFAULT_WINDOWS = 32
+DEFAULT_WINDOW = DEFAULT_EVAL_WINDOW
+DEFAULT_WINDOWS = DEFAULT_EVAL_WINDOWS
 # Prompt length of the decode measurement (speed and peak memory).
 DECODE_PROMPT_TOKENS = 16
 
