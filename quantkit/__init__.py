@@ -15,13 +15,15 @@ Typical use::
 from ._version import __version__
 from .config import QuantConfig
 from .core.quantize import calibrate, quantize, select_targets
+from .core.record import QuantRecord
 from .errors import QuantkitError
 from .formats import hf_hook as _hf_hook
 from .formats.float_models import load_float
-from .formats.native import load, read_quant_config, save
+from .formats.native import load, read_quant_config, read_record, save
 
 __all__ = [
     "QuantConfig",
+    "QuantRecord",
     "QuantkitError",
     "__version__",
     "calibrate",
@@ -29,6 +31,7 @@ __all__ = [
     "load_float",
     "quantize",
     "read_quant_config",
+    "read_record",
     "save",
     "select_targets",
 ]

@@ -12,6 +12,17 @@ import sys
 from pathlib import Path
 
 from ._version import __version__
+from .config import (
+    ACT_GRANULARITIES,
+    DEFAULT_ALPHA,
+    DEFAULT_EVAL_WINDOW,
+    DEFAULT_EVAL_WINDOWS,
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    EMBEDDINGS,
+    SCHEMES,
+    QuantConfig,
+)
 from .errors import QuantkitError
 
 log = logging.getLogger("quantkit")
@@ -39,11 +50,16 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="calibration text: .txt, or .jsonl with a 'text' field per line (default: shipped Persuasion)",
     )
-    g.add_argument("--samples", type=int, default=16, help="number of calibration windows (default: 16)")
-    g.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default: 512)")
+    g.add_argument(
+        "--samples", type=int, default=DEFAULT_SAMPLES, help="number of calibration windows (default: %(default)s)"
+    )
+    g.add_argument(
+        "--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per calibration window (default: %(default)s)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = QuantConfig()  # what quantize does when not told otherwise
     parser = argparse.ArgumentParser(
         prog="quantkit",
         description="INT8 post-training quantization for Hugging Face causal LMs: W8A16 (int8 weights) and "
@@ -63,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="local model folder or 'smollm2-135m' (default)")
     p.add_argument("--out", type=Path, default=Path("runs/smollm2-135m"), help="output folder (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
-    p.add_argument("--windows", type=int, default=32, help="evaluation windows of 512 tokens (default: 32)")
+    p.add_argument(
+        "--windows",
+        type=int,
+        default=DEFAULT_EVAL_WINDOWS,
+        help=f"evaluation windows of {DEFAULT_EVAL_WINDOW} tokens (default: %(default)s)",
+    )
     p.add_argument("--no-speed", action="store_true", help="skip speed measurements")
     _add_calibration(p)
     _add_common(p)
@@ -75,35 +96,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="local Hugging Face model folder, or 'smollm2-135m' (the default model)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--scheme", choices=["w8a8", "w8a16"], default="w8a8", help="default: w8a8")
+    p.add_argument("--scheme", choices=SCHEMES, default=defaults.scheme, help="default: %(default)s")
     p.add_argument(
         "--activations",
-        choices=["per_token", "per_tensor"],
-        default="per_token",
+        choices=ACT_GRANULARITIES,
+        default=defaults.activations,
         help="W8A8 activation scales: dynamic per-token (default) or static per-tensor from calibration",
     )
-    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1] (default: 0.5)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=DEFAULT_ALPHA,
+        help="SmoothQuant migration strength in [0, 1] (default: %(default)s)",
+    )
     p.add_argument("--no-smooth", action="store_true", help="W8A8 without SmoothQuant (naive; for comparison)")
     p.add_argument(
         "--no-fallback-smoothing",
         action="store_true",
         help="do not pre-scale activations of layers that have no norm to fold smoothing into",
     )
-    p.add_argument("--include", nargs="+", default=[], metavar="PATTERN", help="only quantize matching modules")
+    p.add_argument(
+        "--include", nargs="+", default=list(defaults.include), metavar="PATTERN", help="only quantize matching modules"
+    )
     p.add_argument(
         "--exclude",
         nargs="+",
-        default=["lm_head"],
+        default=list(defaults.exclude),
         metavar="PATTERN",
-        help="never quantize these with the scheme (default: lm_head, which --embeddings covers)",
+        help=f"never quantize these with the scheme (default: {' '.join(defaults.exclude)}, which --embeddings covers)",
     )
     p.add_argument(
         "--embeddings",
-        choices=["int8", "float"],
-        default="int8",
+        choices=EMBEDDINGS,
+        default=defaults.embeddings,
         help="int8: store the input embedding and lm_head as int8 with per-row scales (one shared table when "
         "tied; lm_head runs weight-only in either scheme); float: keep them in the model dtype. The "
-        "compressed-tensors format always keeps them float (default: int8)",
+        "compressed-tensors format always keeps them float (default: %(default)s)",
     )
     p.add_argument("--stats", type=Path, help="reuse activation statistics saved by 'quantkit calibrate'")
     p.add_argument(
@@ -138,14 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
         "eval",
         help="measure perplexity, size and speed of checkpoints against their float baseline",
         description="Evaluate quantized checkpoints and their float baseline in the same run; write JSON. "
-        "Perplexity: N evenly spaced non-overlapping 512-token windows of Emma, fp32 activations.",
+        f"Perplexity: N evenly spaced non-overlapping {DEFAULT_EVAL_WINDOW}-token windows of Emma, fp32 activations.",
     )
     p.add_argument("checkpoints", nargs="+", type=Path, help="quantized checkpoint folders")
     p.add_argument("--baseline", required=True, help="the float model they came from (folder or 'smollm2-135m')")
     p.add_argument("--out", type=Path, required=True, help="results JSON to write")
     p.add_argument("--text", type=Path, help="evaluation text (default: shipped Emma)")
-    p.add_argument("--windows", type=int, default=32, help="number of windows (default: 32)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default: 512)")
+    p.add_argument("--windows", type=int, default=DEFAULT_EVAL_WINDOWS, help="number of windows (default: %(default)s)")
+    p.add_argument("--window", type=int, default=DEFAULT_EVAL_WINDOW, help="tokens per window (default: %(default)s)")
     p.add_argument("--no-speed", action="store_true", help="skip speed measurements")
     _add_common(p)
 
@@ -205,13 +233,7 @@ def _cmd_run(args, progress: bool) -> None:
 
 
 def _cmd_quantize(args, progress: bool) -> None:
-    import torch
-
-    from .config import QuantConfig
-    from .core.calibration import load_stats
-    from .core.quantize import calibrate, quantize
-    from .formats.float_models import load_float, native_dtype
-    from .formats.native import check_output_dir, save
+    from .evaluation.pipeline import quantize_to_disk
 
     config = QuantConfig(
         scheme=args.scheme,
@@ -223,52 +245,33 @@ def _cmd_quantize(args, progress: bool) -> None:
         exclude=tuple(args.exclude),
         embeddings=args.embeddings,
     )
-    check_output_dir(args.out, args.overwrite)  # before any long work
-    # Load in fp32 so calibration statistics are not rounded to bf16, then cast to the serving dtype.
-    model, tokenizer, path = load_float(args.model, dtype=torch.float32, progress=progress)
+    quantize_to_disk(
+        args.model,
+        args.out,
+        config,
+        stats=args.stats,
+        calibration=args.calibration,
+        n_samples=args.samples,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        fmt=args.format,
+        overwrite=args.overwrite,
+        progress=progress,
+    )
     if args.format == "compressed-tensors":
-        from .formats.compressed_tensors import check_exportable
-
-        check_exportable(model, config)  # before calibration
-    stats = None
-    if config.needs_calibration:
-        if args.stats:
-            stats = load_stats(args.stats)
-        else:
-            stats = calibrate(
-                model,
-                tokenizer,
-                args.calibration,
-                config,
-                n_samples=args.samples,
-                seq_len=args.seq_len,
-                progress=progress,
-            )
-    model.to(native_dtype(path) if args.dtype == "auto" else getattr(torch, args.dtype))
-    if args.format == "compressed-tensors":
-        from .formats.compressed_tensors import quantize_for_export, save_compressed_tensors
-
-        quantize_for_export(model, config, stats, progress=progress)
-        save_compressed_tensors(model, args.out, tokenizer, overwrite=args.overwrite)
         log.info("wrote %s (%s, compressed-tensors; serve with: vllm serve %s)", args.out, config.label, args.out)
-        return
-    quantize(model, config, stats, progress=progress)
-    save(model, args.out, tokenizer, overwrite=args.overwrite)
-    log.info("wrote %s (%s)", args.out, config.label)
+    else:
+        log.info("wrote %s (%s)", args.out, config.label)
 
 
 def _cmd_calibrate(args, progress: bool) -> None:
-    import torch
-
     from .core.calibration import save_stats
-    from .core.quantize import calibrate
-    from .formats.float_models import load_float
+    from .evaluation.pipeline import load_calibrated
 
     if args.out.exists():
         raise QuantkitError(f"{args.out} already exists; choose another path")
-    model, tokenizer, path = load_float(args.model, dtype=torch.float32, progress=progress)
-    stats = calibrate(
-        model, tokenizer, args.calibration, n_samples=args.samples, seq_len=args.seq_len, progress=progress
+    _, _, path, stats = load_calibrated(
+        args.model, calibration=args.calibration, n_samples=args.samples, seq_len=args.seq_len, progress=progress
     )
     tmp = args.out.with_name(f".{args.out.name}.partial")
     save_stats(stats, tmp, {"model": str(path), "samples": str(args.samples), "seq_len": str(args.seq_len)})
@@ -277,25 +280,23 @@ def _cmd_calibrate(args, progress: bool) -> None:
 
 
 def _cmd_eval(args, progress: bool) -> None:
+    from .evaluation.layer_error import attach_layer_errors
     from .evaluation.pipeline import evaluate_all
 
     for c in args.checkpoints:
         if not c.is_dir():
             raise QuantkitError(f"checkpoint {c} not found")
+    checkpoints = {c.name: c for c in args.checkpoints}
     results = evaluate_all(
         args.baseline,
-        {c.name: c for c in args.checkpoints},
+        checkpoints,
         text=args.text,
         n_windows=args.windows,
         window=args.window,
         measure_speed=not args.no_speed,
         progress=progress,
     )
-    from .evaluation.layer_error import attach_layer_errors
-
-    attach_layer_errors(
-        results, args.baseline, {c.name: c for c in args.checkpoints}, text=args.text, progress=progress
-    )
+    attach_layer_errors(results, args.baseline, checkpoints, text=args.text, progress=progress)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     log.info("wrote %s", args.out)

@@ -1,21 +1,18 @@
-"""Typed, validated, versioned quantization config.
+"""What a user asks quantkit to do: :class:`QuantConfig`, typed, validated and serializable.
 
-:class:`QuantConfig` is the single description of what quantkit does to a model. It is validated
-on construction, written into the checkpoint's ``config.json`` as ``quantization_config`` and read
-back from there, so a checkpoint always says how it was made.
+A config is the request only. What :func:`quantkit.quantize` then did to a model (which layers it
+converted, how the embeddings are stored) is a :class:`quantkit.core.record.QuantRecord`, which
+carries this config and is what a checkpoint's ``config.json`` holds as ``quantization_config``.
+This module imports no torch, so the CLI can build its ``--help`` from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import QuantkitError
-
-# Bumped when the on-disk layout of a quantized checkpoint changes. 2: int8 embeddings.
-FORMAT_VERSION = 2
-QUANT_METHOD = "quantkit"
 
 Scheme = Literal["w8a16", "w8a8"]
 ActGranularity = Literal["per_token", "per_tensor"]
@@ -71,11 +68,6 @@ class QuantConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     embeddings: Embeddings = "int8"
-    # Filled in by quantize(): what was quantized. Not part of what a user asks for.
-    modules: tuple[str, ...] = field(default=(), compare=False)  # linear layers, in the scheme
-    input_embedding: str = field(default="", compare=False)  # the Int8Embedding, "" if float
-    output_embedding: str = field(default="", compare=False)  # the int8 lm_head (W8A16), "" if none
-    tied_embeddings: bool = field(default=False, compare=False)  # the two share one int8 table
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -88,13 +80,17 @@ class QuantConfig:
             raise QuantkitError(f"unknown smoothing {self.smoothing!r}; choose one of {', '.join(SMOOTHINGS)}")
         if self.embeddings not in EMBEDDINGS:
             raise QuantkitError(f"unknown embeddings {self.embeddings!r}; choose one of {', '.join(EMBEDDINGS)}")
-        if not 0.0 <= float(self.alpha) <= 1.0:
-            raise QuantkitError(f"alpha must be between 0 and 1, got {self.alpha}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+            raise QuantkitError(f"alpha must be a number between 0 and 1, got {self.alpha!r}")
+        if not isinstance(self.fallback_smoothing, bool):
+            raise QuantkitError(f"fallback_smoothing must be true or false, got {self.fallback_smoothing!r}")
         # Accept lists (e.g. from JSON) but store tuples so the config stays hashable and frozen.
-        for name in ("include", "exclude", "modules"):
+        for name in ("include", "exclude"):
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise QuantkitError(f"{name} must be a list of module-name patterns, got {value!r}")
             object.__setattr__(self, name, tuple(value))
 
     @property
@@ -110,47 +106,15 @@ class QuantConfig:
         smooth = f"SmoothQuant a={self.alpha:g}" if self.smoothing == "smoothquant" else "naive"
         return f"W8A8 {smooth} {self.activations.replace('_', '-')}"
 
-    @property
-    def embeddings_label(self) -> str:
-        """How a quantized model stores its embedding and ``lm_head``, e.g. for reports."""
-        if self.tied_embeddings:
-            return "embedding and lm_head: one int8 table, per-row scales; lm_head weight-only"
-        if any(m.rpartition(".")[2] == "lm_head" for m in self.modules):
-            head = "lm_head in the scheme"
-        else:
-            head = "lm_head int8 weight-only" if self.output_embedding else "lm_head float"
-        return f"embedding {'int8' if self.input_embedding else 'float'}, {head}"
-
     def to_dict(self) -> dict[str, Any]:
-        """The ``quantization_config`` block written to ``config.json``."""
-        from ._version import __version__
-
+        """The request as plain JSON types."""
         d = dataclasses.asdict(self)
-        for key in ("include", "exclude", "modules"):
-            d[key] = list(d[key])
-        return {
-            "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
-            "tool_version": __version__,
-            **d,
-        }
+        d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
-        """Inverse of :meth:`to_dict`; rejects other methods and newer formats with a clear error."""
-        d = dict(d)
-        method = d.pop("quant_method", None)
-        if method != QUANT_METHOD:
-            raise QuantkitError(f"quantization_config is for {method!r}, not quantkit")
-        version = d.pop("format_version", None)
-        if version is None or version > FORMAT_VERSION:
-            raise QuantkitError(
-                f"checkpoint format version {version} is not supported by this quantkit "
-                f"(supports <= {FORMAT_VERSION}); upgrade quantkit"
-            )
-        d.pop("tool_version", None)
-        if version < 2:  # format 1 predates int8 embeddings: its embeddings are float
-            d.setdefault("embeddings", "float")
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not be ignored)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import torch
 
+# The int8 limit: values are clipped to [-QMAX, QMAX].
 QMAX = 127
 # A channel or token that is all zeros would give a zero scale and a division by zero; any
 # positive scale quantizes zeros exactly, so clamp the abs-max from below.
-_EPS = 1e-8
+EPS = 1e-8
 
 
 def abs_max_scale(amax: torch.Tensor) -> torch.Tensor:
     """Scale (fp32) that maps ``amax`` onto the int8 limit."""
-    return amax.float().clamp_min(_EPS) / QMAX
+    return amax.float().clamp_min(EPS) / QMAX
 
 
 def quantize_to_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

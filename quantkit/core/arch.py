@@ -12,12 +12,16 @@ table are still quantized; with ``fallback_smoothing`` they get a run-time per-c
 Each entry also lists its :class:`Producer` pairs: layers whose input is linear in each output row
 of an earlier layer, where the compressed-tensors export moves that run-time pre-scale instead
 (see :mod:`quantkit.formats.compressed_tensors`). Names are relative to the decoder layer.
+
+:func:`smooth_groups` and :func:`producer_pairs` resolve the table against a model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 # Unknown architectures: no norm folding, every linear gets the fallback.
 DEFAULT = ArchSpec(())
 
+_E = TypeVar("_E", Layout, Producer)
+
 
 def spec_for(model_type: str) -> ArchSpec:
     """The table entry for a ``config.model_type``, or :data:`DEFAULT`."""
@@ -163,5 +169,45 @@ def requires_hold(requires: dict[str, Any], config: Any) -> bool:
     return all(getattr(config, key, None) == value for key, value in requires.items())
 
 
-def layout_applies(layout: Layout, config: Any) -> bool:
-    return requires_hold(layout.requires, config)
+def smooth_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """``(norm, linears)`` by fully-qualified name, for every group of the first layout that applies
+    under each decoder layer of ``model``, in module order."""
+    spec = spec_for(getattr(model.config, "model_type", ""))
+    return [
+        (f"{prefix}.{g.norm}", [f"{prefix}.{lin}" for lin in g.linears])
+        for prefix, layout in _per_layer(model, spec.layouts, first=True)
+        for g in layout.groups
+    ]
+
+
+def producer_pairs(model: nn.Module) -> list[tuple[Producer, str, str]]:
+    """``(pair, producer, consumer)``, names fully qualified, for every :class:`Producer` pair whose
+    config condition holds and whose two modules exist under a decoder layer of ``model``."""
+    spec = spec_for(getattr(model.config, "model_type", ""))
+    return [
+        (p, f"{prefix}.{p.producer}", f"{prefix}.{p.consumer}")
+        for prefix, p in _per_layer(model, spec.producers, first=False)
+    ]
+
+
+def _per_layer(model: nn.Module, entries: tuple[_E, ...], *, first: bool) -> list[tuple[str, _E]]:
+    """``(prefix, entry)`` for every module ``prefix`` of ``model`` and every entry (a :class:`Layout` or a
+    :class:`Producer`) whose config condition holds and whose modules all exist under ``prefix``; with
+    ``first``, only the first such entry per prefix."""
+    modules = dict(model.named_modules())
+    entries = tuple(e for e in entries if requires_hold(e.requires, model.config))
+    found = []
+    for prefix in modules:
+        for entry in entries:
+            if all(f"{prefix}.{name}" in modules for name in _module_names(entry)):
+                found.append((prefix, entry))
+                if first:
+                    break
+    return found
+
+
+def _module_names(entry: Layout | Producer) -> list[str]:
+    """The modules, relative to a decoder layer, that ``entry`` needs."""
+    if isinstance(entry, Producer):
+        return [entry.producer, entry.consumer]
+    return [name for g in entry.groups for name in (g.norm, *g.linears)]

@@ -52,6 +52,12 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     return w.T if FLOAT_LINEARS[type(module).__name__].transposed else w
 
 
+# The fp32 buffers of quantized modules, by the names a checkpoint stores them under
+# (``<module>.<name>``, beside the int8 ``weight`` and an optional ``bias`` in the model dtype). They
+# stay fp32 whatever the model's dtype: see _Int8Module.
+SCALE_BUFFERS = ("weight_scale", "smooth_inv", "input_scale")
+
+
 class _Int8Module(nn.Module):
     """Keeps the fp32 scale buffers fp32 through ``module.to(dtype)``/``.half()``.
 
@@ -59,10 +65,8 @@ class _Int8Module(nn.Module):
     computed against (a bf16 scale has 8 bits of mantissa). Devices still follow ``.to(device)``.
     """
 
-    _FP32_BUFFERS = ("weight_scale", "smooth_inv", "input_scale")
-
     def _apply(self, fn, recurse: bool = True):
-        kept = {n: b for n in self._FP32_BUFFERS if (b := self._buffers.get(n)) is not None}
+        kept = {n: b for n in SCALE_BUFFERS if (b := self._buffers.get(n)) is not None}
         super()._apply(fn, recurse)
         for n, b in kept.items():
             moved = self._buffers[n]
@@ -220,18 +224,23 @@ class Int8Embedding(_Int8Module):
         self.reset_embed_scale(real)
 
     @classmethod
-    def from_float(cls, module: nn.Embedding) -> Int8Embedding:
+    def like(cls, module: nn.Embedding, dtype: torch.dtype | None = None, device=None) -> Int8Embedding:
+        """An empty int8 table with the geometry of the float embedding ``module`` (by default in its
+        dtype and on its device); loading fills it, :meth:`from_float` quantizes into it."""
         scaled = FLOAT_EMBEDDINGS[type(module).__name__]
-        w = module.weight
-        q = cls(
+        return cls(
             module.num_embeddings,
             module.embedding_dim,
-            w.dtype,
-            device=w.device,
+            dtype or module.weight.dtype,
+            device=module.weight.device if device is None else device,
             padding_idx=module.padding_idx,
             embed_scale=module.scalar_embed_scale if scaled else None,
         )
-        q.weight, q.weight_scale = quantize_weight_per_channel(w)
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding) -> Int8Embedding:
+        q = cls.like(module)
+        q.weight, q.weight_scale = quantize_weight_per_channel(module.weight)
         return q
 
     def reset_embed_scale(self, device=None) -> None:

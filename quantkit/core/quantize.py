@@ -11,7 +11,6 @@ apart from the module surgery:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -42,7 +41,8 @@ from .modules import (
     replace_module,
     weight_out_in,
 )
-from .smoothquant import fold_into_norm, smoothing_scale
+from .record import QuantRecord
+from .smoothquant import apply_smoothquant
 
 log = logging.getLogger(__name__)
 
@@ -90,68 +90,6 @@ def calibrate(
     return collect_stats(model, samples, select_targets(model, config), progress=progress)
 
 
-def _plan_smoothing(
-    model: nn.Module, targets: dict[str, nn.Module], stats: ActStats, config: QuantConfig
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Fold SmoothQuant into norms where mapped; return per-layer scales and run-time pre-scales.
-
-    Returns ``(scales, smooth_inv)``: for each target whose weight must be smoothed, ``s`` (fp32
-    ``[in]``, the weight's input columns are multiplied by it at quantization time), and ``1/s`` for
-    the targets that keep a run-time pre-scale. Scales rather than smoothed weights are returned so
-    that only one layer's fp32 weight exists at a time (an 8B model's would take 28 GB).
-    ``stats`` is updated in place to describe the smoothed activations (``amax / s``).
-    """
-    spec = arch.spec_for(getattr(model.config, "model_type", ""))
-    modules = dict(model.named_modules())
-    scales: dict[str, torch.Tensor] = {}
-    smooth_inv: dict[str, torch.Tensor] = {}
-    covered: set[str] = set()
-
-    layouts = [lay for lay in spec.layouts if arch.layout_applies(lay, model.config)]
-    for prefix in list(modules):
-        for layout in layouts:
-            names = [(f"{prefix}.{g.norm}", [f"{prefix}.{lin}" for lin in g.linears]) for g in layout.groups]
-            if not all(n in modules and all(lin in modules for lin in lins) for n, lins in names):
-                continue
-            for norm_name, linear_names in names:
-                seen = [stats[n] for n in linear_names if n in stats]
-                if not seen or not all(is_float_linear(modules[n]) for n in linear_names):
-                    continue
-                # All linears of a group read the same tensor; max over them guards against hooks
-                # that saw slightly different inputs (they should not).
-                act_amax = torch.stack(seen).amax(dim=0)
-                w_amax = torch.stack(
-                    [weight_out_in(modules[n]).detach().abs().amax(dim=0).float() for n in linear_names]
-                )
-                s = smoothing_scale(act_amax, w_amax.amax(dim=0), config.alpha)
-                fold_into_norm(modules[norm_name], s, spec.norm_offset)
-                for n in linear_names:
-                    if n in targets:
-                        scales[n] = s
-                        covered.add(n)
-                        stats[n] = stats[n] / s
-                    else:  # not quantized, but it reads the rescaled norm output: keep it exact
-                        w = weight_out_in(modules[n])
-                        w.copy_((w.float() * s[None, :]).to(w.dtype))
-            break  # one layout per decoder layer
-
-    if config.fallback_smoothing:
-        for n, m in targets.items():
-            if n in covered or n not in stats:
-                continue
-            s = smoothing_scale(stats[n], weight_out_in(m).detach().abs().amax(dim=0).float(), config.alpha)
-            scales[n] = s
-            smooth_inv[n] = 1.0 / s
-            stats[n] = stats[n] / s
-    log.info(
-        "smoothing: %d layers folded into norms, %d with a run-time pre-scale, %d unsmoothed",
-        len(covered),
-        len(smooth_inv),
-        len(targets) - len(covered) - len(smooth_inv),
-    )
-    return scales, smooth_inv
-
-
 @torch.no_grad()
 def quantize(
     model: nn.Module,
@@ -185,12 +123,11 @@ def quantize(
                 f"calibration statistics lack {len(missing)} target layers (e.g. {missing[0]}); "
                 "recalibrate with the same model and include/exclude patterns"
             )
-        stats = dict(stats)
 
     scales: dict[str, torch.Tensor] = {}
     smooth_inv: dict[str, torch.Tensor] = {}
     if config.scheme == "w8a8" and config.smoothing == "smoothquant":
-        scales, smooth_inv = _plan_smoothing(model, targets, stats, config)
+        scales, smooth_inv, stats = apply_smoothquant(model, targets, stats, config)
 
     cls = QUANT_MODULES[config.scheme]
     for name, module in tqdm(targets.items(), desc=f"Quantizing {config.label}", unit="layer", disable=not progress):
@@ -205,8 +142,8 @@ def quantize(
 
     embedding_modules = _quantize_embeddings(model) if config.embeddings == "int8" else {}
     _untie_if_quantized(model)
-    done = dataclasses.replace(config, modules=tuple(targets), **embedding_modules)
-    model.config.quantization_config = done.to_dict()
+    record = QuantRecord(config, modules=tuple(targets), **embedding_modules)
+    model.config.quantization_config = record.to_dict()
     return model
 
 
@@ -216,8 +153,8 @@ def _quantize_embeddings(model: nn.Module) -> dict:
     A tied pair becomes one int8 table: an :class:`Int8Embedding` and an :class:`Int8TiedHead`
     reading it (weight-only); a tied pair is converted whole or not at all, since one side alone
     would keep the float table and add an int8 copy. An output projection the scheme already
-    quantized (``lm_head`` not excluded) is left as it is. Returns the ``QuantConfig`` fields that
-    record what was done.
+    quantized (``lm_head`` not excluded) is left as it is. Returns the :class:`QuantRecord` fields
+    that record what was done.
     """
     inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -275,7 +212,7 @@ def _untie_if_quantized(model: nn.Module) -> None:
     """If a tied output embedding was quantized, the saved config must no longer tie it.
 
     transformers ties parameters; a quantized pair is tied by :class:`Int8TiedHead` instead, which
-    loading rebuilds from ``QuantConfig.tied_embeddings``.
+    loading rebuilds from ``QuantRecord.tied_embeddings``.
     """
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out is not None and not is_float_linear(out) and getattr(model.config, "tie_word_embeddings", False):

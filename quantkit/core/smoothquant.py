@@ -10,12 +10,27 @@ both sides end up with comparable per-channel ranges, so both quantize well (Xia
 ``max|W_j|`` is over every row of every linear reading that input.
 
 Where a norm feeds the linears, ``1/s`` is folded into the norm's weight (and bias) so it costs
-nothing at run time. Elsewhere the ``1/s`` multiply stays in the quantized module (``smooth_inv``).
+nothing at run time (:func:`apply_smoothquant`). Elsewhere the ``1/s`` multiply stays in the
+quantized module (``smooth_inv``), or, where the input is linear in each output row of an earlier
+layer, :func:`fold_pre_scales` moves it into that layer's rows (the compressed-tensors export).
+Which norm feeds which linears, and which layer produces which input, is :mod:`.arch`'s table.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Any, NamedTuple
+
 import torch
+from torch import nn
+
+from ..config import QuantConfig
+from ..errors import QuantkitError
+from . import arch
+from .calibration import ActStats
+from .modules import FLOAT_LINEARS, is_float_linear, weight_out_in
+
+log = logging.getLogger(__name__)
 
 # Keeps s away from 0 and inf when a channel's activation or weight max is (near) zero.
 _MIN = 1e-5
@@ -40,3 +55,145 @@ def fold_into_norm(norm: torch.nn.Module, s: torch.Tensor, offset: float = 0.0) 
     bias = getattr(norm, "bias", None)
     if bias is not None:
         bias.copy_((bias.float() / s).to(bias.dtype))
+
+
+class Smoothed(NamedTuple):
+    """What :func:`apply_smoothquant` leaves for quantization to apply."""
+
+    # Per target whose weight must be smoothed: s (fp32 [in]); its input columns are multiplied by it.
+    scales: dict[str, torch.Tensor]
+    # Per target that keeps a run-time pre-scale: 1/s.
+    smooth_inv: dict[str, torch.Tensor]
+    # The statistics of the smoothed activations (amax / s); a new dict.
+    stats: ActStats
+
+
+@torch.no_grad()
+def apply_smoothquant(
+    model: nn.Module, targets: dict[str, nn.Module], stats: ActStats, config: QuantConfig
+) -> Smoothed:
+    """Fold SmoothQuant into the norms :func:`quantkit.core.arch.smooth_groups` maps, in place.
+
+    For each group, ``s`` comes from the maximum activation statistic over its linears and the
+    maximum weight over all their rows; ``1/s`` is folded into the norm. A linear of the group that
+    is not a target gets ``s`` folded into its weight now (it reads the rescaled norm output). With
+    ``config.fallback_smoothing``, every other target with statistics keeps ``1/s`` as a run-time
+    pre-scale. Scales rather than smoothed weights are returned so that only one layer's fp32 weight
+    exists at a time (an 8B model's would take 28 GB). ``stats`` is not modified.
+    """
+    offset = arch.spec_for(getattr(model.config, "model_type", "")).norm_offset
+    modules = dict(model.named_modules())
+    stats = dict(stats)
+    scales: dict[str, torch.Tensor] = {}
+    smooth_inv: dict[str, torch.Tensor] = {}
+    covered: set[str] = set()
+
+    for norm_name, linear_names in arch.smooth_groups(model):
+        seen = [stats[n] for n in linear_names if n in stats]
+        if not seen or not all(is_float_linear(modules[n]) for n in linear_names):
+            continue
+        # All linears of a group read the same tensor; max over them guards against hooks that saw
+        # slightly different inputs (they should not).
+        act_amax = torch.stack(seen).amax(dim=0)
+        w_amax = torch.stack([_weight_amax(modules[n]) for n in linear_names])
+        s = smoothing_scale(act_amax, w_amax.amax(dim=0), config.alpha)
+        fold_into_norm(modules[norm_name], s, offset)
+        for n in linear_names:
+            if n in targets:
+                scales[n] = s
+                covered.add(n)
+                stats[n] = stats[n] / s
+            else:  # not quantized, but it reads the rescaled norm output: keep it exact
+                w = weight_out_in(modules[n])
+                w.copy_((w.float() * s[None, :]).to(w.dtype))
+
+    if config.fallback_smoothing:
+        for n, m in targets.items():
+            if n in covered or n not in stats:
+                continue
+            s = smoothing_scale(stats[n], _weight_amax(m), config.alpha)
+            scales[n] = s
+            smooth_inv[n] = 1.0 / s
+            stats[n] = stats[n] / s
+    log.info(
+        "smoothing: %d layers folded into norms, %d with a run-time pre-scale, %d unsmoothed",
+        len(covered),
+        len(smooth_inv),
+        len(targets) - len(covered) - len(smooth_inv),
+    )
+    return Smoothed(scales, smooth_inv, stats)
+
+
+def _weight_amax(module: nn.Module) -> torch.Tensor:
+    """A float layer's per-input-channel weight abs-max, fp32 ``[in]``."""
+    return weight_out_in(module).detach().abs().amax(dim=0).float()
+
+
+@torch.no_grad()
+def fold_pre_scales(
+    model: nn.Module, targets: dict[str, nn.Module], stats: ActStats, config: QuantConfig
+) -> tuple[ActStats, list[str]]:
+    """Move SmoothQuant's would-be run-time pre-scales into the layers producing those inputs.
+
+    For every :func:`quantkit.core.arch.producer_pairs` pair with both sides in ``targets``, ``s`` is
+    computed as SmoothQuant does (``max|X|^alpha / max|W|^(1 - alpha)``, tied across query heads that
+    share a value head), the producer's rows (and bias) are divided by ``s`` and the consumer's input
+    columns multiplied by it. The float function is unchanged up to rounding.
+
+    The two weights become fp32 parameters (the smoothed weight is quantized without an
+    intermediate rounding to bf16, as for norm-folded smoothing): quantize right after, which
+    replaces both layers (:func:`quantkit.formats.compressed_tensors.quantize_for_export` does).
+
+    Returns:
+        ``(stats, consumers)``: statistics describing the smoothed inputs (a new dict; the input is
+        not modified), and the names of the consumers that were smoothed.
+    """
+    stats = dict(stats)
+    done = []
+    for p, prod_name, cons_name in arch.producer_pairs(model):
+        if cons_name not in targets or prod_name not in targets or cons_name not in stats:
+            continue
+        producer, consumer = targets[prod_name], targets[cons_name]
+        w_cons = weight_out_in(consumer).float()
+        w_prod = weight_out_in(producer).float()
+        rows = _producer_rows(p, model.config, w_cons.shape[1], w_prod.shape[0], cons_name)
+        first = int(rows.min())
+        local = rows - first
+        n = int(local.max()) + 1
+        # Tie s across consumer channels that read the same producer row (GQA): take the max
+        # activation and weight statistic over them, then smooth as usual.
+        act = torch.zeros(n).scatter_reduce(0, local, stats[cons_name].float(), "amax", include_self=False)
+        w_amax = torch.zeros(n).scatter_reduce(0, local, w_cons.abs().amax(dim=0), "amax", include_self=False)
+        s_rows = smoothing_scale(act, w_amax, config.alpha)
+        s = s_rows[local]
+        w_prod[first : first + n] /= s_rows[:, None]
+        _set_weight(producer, w_prod)
+        bias = getattr(producer, "bias", None)
+        if bias is not None:
+            bias[first : first + n] = (bias[first : first + n].float() / s_rows).to(bias.dtype)
+        _set_weight(consumer, w_cons * s[None, :])
+        stats[cons_name] = stats[cons_name] / s
+        done.append(cons_name)
+    return stats, done
+
+
+def _set_weight(module: nn.Module, w_out_in: torch.Tensor) -> None:
+    """Replace a float layer's weight by an fp32 ``[out, in]`` tensor, in the layer's own layout."""
+    w = w_out_in.T if FLOAT_LINEARS[type(module).__name__].transposed else w_out_in
+    module.weight = nn.Parameter(w.contiguous(), requires_grad=False)
+
+
+def _producer_rows(p: arch.Producer, config: Any, consumer_in: int, producer_out: int, name: str) -> torch.Tensor:
+    """For each consumer input channel, the producer output row it is linear in."""
+    if not p.heads:
+        if consumer_in > producer_out:
+            raise QuantkitError(f"{name}: expected at most {producer_out} inputs from {p.producer}, got {consumer_in}")
+        return torch.arange(consumer_in) + (producer_out - consumer_in)
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = consumer_in // n_heads
+    if head_dim * n_heads != consumer_in or n_heads % n_kv or n_kv * head_dim > producer_out:
+        raise QuantkitError(f"{name}: cannot map {consumer_in} attention channels onto {n_kv} value heads")
+    c = torch.arange(consumer_in)
+    value_head = (c // head_dim) // (n_heads // n_kv)
+    return (producer_out - n_kv * head_dim) + value_head * head_dim + c % head_dim

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..formats.float_models import load_float
-from ..formats.native import load, read_quant_config
+from ..formats.native import load, read_record
 from ..qmath import sqnr_db
 from . import measure
 
@@ -87,7 +87,7 @@ def attach_layer_errors(
             continue
         dtype = getattr(torch, row.get("dtype", "float32"))
         quant_model = load(path, dtype=dtype, device=device)
-        row["layer_sqnr_db"] = layer_output_sqnr(float_model, quant_model, ids, list(read_quant_config(path).modules))
+        row["layer_sqnr_db"] = layer_output_sqnr(float_model, quant_model, ids, list(read_record(path).modules))
         del quant_model
         gc.collect()
     results["layer_error"] = {

@@ -55,8 +55,6 @@ from ..errors import QuantkitError
 log = logging.getLogger(__name__)
 
 DEFAULT_EVAL_TEXT = Path(__file__).resolve().parents[2] / "eval" / "emma.txt"
-DEFAULT_WINDOW = DEFAULT_EVAL_WINDOW
-DEFAULT_WINDOWS = DEFAULT_EVAL_WINDOWS
 # Prompt length of the decode measurement (speed and peak memory).
 DECODE_PROMPT_TOKENS = 16
 
@@ -74,7 +72,9 @@ def eval_token_ids(tokenizer, text_path: str | Path | None = None) -> torch.Tens
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
 
-def windows(ids: torch.Tensor, window: int = DEFAULT_WINDOW, n_windows: int = DEFAULT_WINDOWS) -> torch.Tensor:
+def windows(
+    ids: torch.Tensor, window: int = DEFAULT_EVAL_WINDOW, n_windows: int = DEFAULT_EVAL_WINDOWS
+) -> torch.Tensor:
     """``[n, window]`` evenly spaced non-overlapping windows (the protocol above)."""
     total = len(ids) // window
     if total == 0:
@@ -111,17 +111,14 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
         total += t.numel() * t.element_size()
     linear = 0
     quantized = 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    quant_types = tuple(QUANT_MODULES.values())
     for module in model.modules():
-        is_linear = is_float_linear(module) or isinstance(module, tuple(QUANT_MODULES.values()))
-        if is_linear and module is not _output_embeddings(model):
+        if (is_float_linear(module) or isinstance(module, quant_types)) and module is not head:
             n = sum(t.numel() * t.element_size() for t in module.state_dict().values() if t is not None)
             linear += n
-            quantized += n if isinstance(module, tuple(QUANT_MODULES.values())) else 0
+            quantized += n if isinstance(module, quant_types) else 0
     return {"total": total, "linear": linear, "quantized_linear": quantized}
-
-
-def _output_embeddings(model: nn.Module):
-    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
 
 def dir_bytes(path: str | Path) -> int:

@@ -25,8 +25,12 @@ def read_results(paths: list[str | Path]) -> list[dict[str, Any]]:
     return results
 
 
-def _mib(n: int | None) -> str:
-    return "—" if n is None else f"{n / 2**20:.1f} MiB"
+MIB = 2**20
+
+
+def mib(n: int | None, decimals: int = 1) -> str:
+    """``n`` bytes for a table, e.g. ``12.3 MiB``; ``—`` when unknown."""
+    return "—" if n is None else f"{n / MIB:.{decimals}f} MiB"
 
 
 def _pct(x: float | None) -> str:
@@ -35,12 +39,12 @@ def _pct(x: float | None) -> str:
 
 def _embedding_notes(rows: list[dict[str, Any]]) -> list[str]:
     """One line saying how the quantized variants store their embeddings ("all weights" depends on it)."""
-    from ..config import QuantConfig
+    from ..core.record import QuantRecord
 
     how: dict[str, list[str]] = {}
     for r in rows:
         if r.get("config"):
-            how.setdefault(QuantConfig.from_dict(r["config"]).embeddings_label, []).append(r["name"])
+            how.setdefault(QuantRecord.from_dict(r["config"]).embeddings_label, []).append(r["name"])
     return [f"Quantized variants ({', '.join(names)}): {desc}." for desc, names in how.items()] + [""] if how else []
 
 
@@ -71,43 +75,66 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# The comparison table's columns, in the Markdown and the HTML report alike.
+COLUMNS = (
+    "variant", "perplexity", "drift", "linear weights", "vs bf16", "all weights", "vs bf16", "checkpoint",
+    "prefill tok/s", "x bf16", "x fp32", "decode tok/s", "x bf16", "x fp32",
+)  # fmt: skip
+MEMORY_COLUMNS = ("peak memory", "vs bf16")  # where the results measured peak memory
+
+
+def table_text(rows: list[dict[str, Any]], *, memory_decimals: int = 1) -> tuple[list[str], list[list[str]]]:
+    """``(column names, cells)`` of the comparison table for :func:`table_rows`; one list of cells per
+    row, each without the ``variant`` cell (the reports write the name their own way)."""
+    with_mem = any("peak_memory_bytes" in r.get("speed", {}) for r in rows)
+    body = []
+    for r in rows:
+        sp = r.get("speed", {})
+
+        def ratio(key: str, row=r) -> str:
+            return f"{row[key]:.2f}x" if key in row else "—"
+
+        def tok_s(key: str, fmt: str, sp=sp) -> str:
+            return format(sp[key], fmt) if key in sp else "—"
+
+        cells = [
+            f"{r['perplexity']:.3f}" if r.get("perplexity") is not None else "—",
+            f"{r['drift_pct']:+.2f}%" if "drift_pct" in r else "baseline" if r.get("kind") == "float" else "—",
+            mib(r["weight_bytes"]["linear"]),
+            _pct(r.get("linear_bytes_vs_bf16")),
+            mib(r["weight_bytes"]["total"]),
+            _pct(r.get("total_bytes_vs_bf16")),
+            mib(r.get("checkpoint_bytes")),
+            tok_s("prefill_tok_s", ".0f"),
+            ratio("prefill_tok_s_vs_bf16"),
+            ratio("prefill_tok_s_vs_fp32"),
+            tok_s("decode_tok_s", ".1f"),
+            ratio("decode_tok_s_vs_bf16"),
+            ratio("decode_tok_s_vs_fp32"),
+        ]
+        if with_mem:
+            cells += [mib(sp.get("peak_memory_bytes"), memory_decimals), _pct(r.get("peak_memory_vs_bf16"))]
+        body.append(cells)
+    return [*COLUMNS, *(MEMORY_COLUMNS if with_mem else ())], body
+
+
 def markdown(all_results: list[dict[str, Any]]) -> str:
     lines = ["# quantkit report", ""]
     for results in all_results:
         proto = results["protocol"]
         env = results["environment"]
         rows = table_rows(results)
-        with_mem = any("peak_memory_bytes" in r.get("speed", {}) for r in rows)
+        head, body = table_text(rows)
         lines += [
             f"Perplexity: {proto['windows']} windows x {proto['window']} tokens of {proto['text']} "
             f"({proto['tokens_scored']} tokens scored, {proto['perplexity_dtype']} activations). "
             f"Speed: {', '.join(proto['speed_dtypes'])} baselines, quantized models in {proto['speed_dtypes'][0]}, "
             f"on {proto['device']}.",
             "",
-            "| variant | perplexity | drift | linear weights | vs bf16 | all weights | vs bf16 | checkpoint | "
-            "prefill tok/s | x bf16 | x fp32 | decode tok/s | x bf16 | x fp32 |"
-            + (" peak memory | vs bf16 |" if with_mem else ""),
-            "|---" + "|---:" * (15 if with_mem else 13) + "|",
+            "| " + " | ".join(head) + " |",
+            "|---" + "|---:" * (len(head) - 1) + "|",
+            *("| " + " | ".join([r["name"], *cells]) + " |" for r, cells in zip(rows, body, strict=True)),
         ]
-        for r in rows:
-            sp = r.get("speed", {})
-
-            def ratio(key: str, row=r) -> str:
-                return f"{row[key]:.2f}x" if key in row else "—"
-
-            def tok_s(key: str, fmt: str, sp=sp) -> str:
-                return format(sp[key], fmt) if key in sp else "—"
-
-            drift = f"{r['drift_pct']:+.2f}%" if "drift_pct" in r else "baseline" if r["kind"] == "float" else "—"
-            mem = f" {_mib(sp.get('peak_memory_bytes'))} | {_pct(r.get('peak_memory_vs_bf16'))} |" if with_mem else ""
-            lines.append(
-                f"| {r['name']} | {r['perplexity']:.3f} | {drift} | {_mib(r['weight_bytes']['linear'])} | "
-                f"{_pct(r.get('linear_bytes_vs_bf16'))} | {_mib(r['weight_bytes']['total'])} | "
-                f"{_pct(r.get('total_bytes_vs_bf16'))} | {_mib(r.get('checkpoint_bytes'))} | "
-                f"{tok_s('prefill_tok_s', '.0f')} | {ratio('prefill_tok_s_vs_bf16')} | "
-                f"{ratio('prefill_tok_s_vs_fp32')} | {tok_s('decode_tok_s', '.1f')} | "
-                f"{ratio('decode_tok_s_vs_bf16')} | {ratio('decode_tok_s_vs_fp32')} |{mem}"
-            )
         lines += ["", *_embedding_notes(rows)]
         lines += [
             f"Machine: {env.get('cpu')} ({env.get('threads')} threads){', ' + env['gpu'] if 'gpu' in env else ''}; "

@@ -53,13 +53,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import QuantConfig
-from ..core import arch
+from ..core import smoothquant
 from ..core.calibration import ActStats
-from ..core.modules import FLOAT_LINEARS, W8A8Linear, W8A16Linear, weight_out_in
+from ..core.modules import FLOAT_LINEARS, W8A8Linear, W8A16Linear
 from ..core.quantize import quantize, select_targets
-from ..core.smoothquant import smoothing_scale
+from ..core.record import record_of
 from ..errors import QuantkitError
-from .native import WEIGHTS_NAME, _dedup_state_dict, atomic_output_dir, float_dtype, quant_config_dict
+from .native import WEIGHTS_NAME, _dedup_state_dict, atomic_output_dir, float_dtype
 
 log = logging.getLogger(__name__)
 
@@ -86,80 +86,6 @@ def export_config(config: QuantConfig) -> QuantConfig:
     return dataclasses.replace(config, fallback_smoothing=False, embeddings="float")
 
 
-@torch.no_grad()
-def fold_pre_scales(model: nn.Module, stats: ActStats, config: QuantConfig) -> tuple[ActStats, list[str]]:
-    """Move SmoothQuant's would-be run-time pre-scales into the layers producing those inputs.
-
-    For every :class:`quantkit.core.arch.Producer` pair that ``config`` quantizes on both sides, ``s`` is
-    computed as SmoothQuant does (``max|X|^alpha / max|W|^(1 - alpha)``, tied across query heads that share a
-    value head), the producer's rows (and bias) are divided by ``s`` and the consumer's input
-    columns multiplied by it. The float function is unchanged up to rounding.
-
-    The two weights become fp32 parameters (the smoothed weight is quantized without an
-    intermediate rounding to bf16, as for norm-folded smoothing): call :func:`quantize` right after,
-    which replaces both layers. :func:`quantize_for_export` does.
-
-    Returns:
-        ``(stats, consumers)``: statistics describing the smoothed inputs (a new dict; the input is
-        not modified), and the names of the consumers that were smoothed.
-    """
-    stats = dict(stats)
-    targets = select_targets(model, config)
-    spec = arch.spec_for(getattr(model.config, "model_type", ""))
-    pairs = [p for p in spec.producers if arch.requires_hold(p.requires, model.config)]
-    modules = dict(model.named_modules())
-    done = []
-    for prefix in list(modules):
-        for p in pairs:
-            prod_name, cons_name = f"{prefix}.{p.producer}", f"{prefix}.{p.consumer}"
-            if cons_name not in targets or prod_name not in targets or cons_name not in stats:
-                continue
-            producer, consumer = modules[prod_name], modules[cons_name]
-            w_cons = weight_out_in(consumer).float()
-            w_prod = weight_out_in(producer).float()
-            rows = _producer_rows(p, model.config, w_cons.shape[1], w_prod.shape[0], cons_name)
-            first = int(rows.min())
-            local = rows - first
-            n = int(local.max()) + 1
-            # Tie s across consumer channels that read the same producer row (GQA): take the max
-            # activation and weight statistic over them, then smooth as usual.
-            act = torch.zeros(n).scatter_reduce(0, local, stats[cons_name].float(), "amax", include_self=False)
-            w_amax = torch.zeros(n).scatter_reduce(0, local, w_cons.abs().amax(dim=0), "amax", include_self=False)
-            s_rows = smoothing_scale(act, w_amax, config.alpha)
-            s = s_rows[local]
-            w_prod[first : first + n] /= s_rows[:, None]
-            _set_weight(producer, w_prod)
-            bias = getattr(producer, "bias", None)
-            if bias is not None:
-                bias[first : first + n] = (bias[first : first + n].float() / s_rows).to(bias.dtype)
-            _set_weight(consumer, w_cons * s[None, :])
-            stats[cons_name] = stats[cons_name] / s
-            done.append(cons_name)
-    return stats, done
-
-
-def _set_weight(module: nn.Module, w_out_in: torch.Tensor) -> None:
-    """Replace a float layer's weight by an fp32 ``[out, in]`` tensor, in the layer's own layout."""
-    w = w_out_in.T if FLOAT_LINEARS[type(module).__name__].transposed else w_out_in
-    module.weight = nn.Parameter(w.contiguous(), requires_grad=False)
-
-
-def _producer_rows(p: arch.Producer, config: Any, consumer_in: int, producer_out: int, name: str) -> torch.Tensor:
-    """For each consumer input channel, the producer output row it is linear in."""
-    if not p.heads:
-        if consumer_in > producer_out:
-            raise QuantkitError(f"{name}: expected at most {producer_out} inputs from {p.producer}, got {consumer_in}")
-        return torch.arange(consumer_in) + (producer_out - consumer_in)
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = consumer_in // n_heads
-    if head_dim * n_heads != consumer_in or n_heads % n_kv or n_kv * head_dim > producer_out:
-        raise QuantkitError(f"{name}: cannot map {consumer_in} attention channels onto {n_kv} value heads")
-    c = torch.arange(consumer_in)
-    value_head = (c // head_dim) // (n_heads // n_kv)
-    return (producer_out - n_kv * head_dim) + value_head * head_dim + c % head_dim
-
-
 def quantize_for_export(
     model: nn.Module, config: QuantConfig, stats: ActStats | None = None, *, progress: bool = True
 ) -> nn.Module:
@@ -178,7 +104,7 @@ def quantize_for_export(
     if config.scheme == "w8a8" and config.smoothing == "smoothquant" and config.fallback_smoothing:
         if stats is None:
             raise QuantkitError(f"{config.label} needs calibration statistics: run quantkit.calibrate() first")
-        stats, folded = fold_pre_scales(model, stats, config)
+        stats, folded = smoothquant.fold_pre_scales(model, select_targets(model, config), stats, config)
         log.info("compressed-tensors export: %d run-time pre-scales folded into producing layers", len(folded))
     quantize(model, export_config(config), stats, progress=progress)
     round_scales(model)
@@ -312,9 +238,9 @@ def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None, *
     Example:
         >>> save_compressed_tensors(model, "smollm2-w8a8-ct", tokenizer)   # then: vllm serve smollm2-w8a8-ct
     """
-    qc = quant_config_dict(model)
-    qconfig = QuantConfig.from_dict(qc)
-    if qconfig.input_embedding or qconfig.output_embedding:
+    record = record_of(model)
+    qconfig = record.config
+    if record.input_embedding or record.output_embedding:
         raise QuantkitError(
             "this model stores its embeddings/lm_head in int8, which compressed-tensors checkpoints do not hold; "
             "quantize with quantize_for_export() (or QuantConfig(embeddings='float'))"
@@ -330,7 +256,7 @@ def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None, *
     config["quantization_config"] = ct_quantization_config(qconfig, ignore)
     provenance = {
         "tool": "quantkit",
-        "quantkit_config": qc,
+        "quantkit_config": record.to_dict(),
         "scale_dtype": str(float_dtype(model)).removeprefix("torch."),
         "smoothing": (
             "SmoothQuant folded into norms, and into producing layers where exact (no run-time pre-scales)"

@@ -15,7 +15,8 @@ import importlib.metadata
 import sys
 
 REGISTRY_MODULE = "transformers.quantizers.auto"
-MIN_TRANSFORMERS_MAJOR = 5  # see quantkit.formats.hf_quantizer
+# transformers 5 has the quantizer registry and loader behaviour quantkit.formats.hf_quantizer relies on.
+MIN_TRANSFORMERS_MAJOR = 5
 
 
 def transformers_supported() -> bool:

@@ -39,20 +39,21 @@ from safetensors import safe_open
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..config import QUANT_METHOD, QuantConfig
 from ..core.modules import QUANT_MODULES, Int8Embedding
+from ..core.record import QUANT_METHOD, QuantRecord
 from ..errors import QuantkitError
-from .hf_hook import transformers_supported
 from .native import swap_in_empty_modules
 
 log = logging.getLogger(__name__)
 
 
 def supported() -> bool:
-    """Whether this transformers has the quantizer registry and the loader quantkit relies on."""
+    """Whether this transformers has the quantizer registry quantkit relies on.
+
+    (Its major version is checked before this module is imported: see :mod:`quantkit.formats.hf_hook`.)
+    """
     return (
-        transformers_supported()
-        and hasattr(_auto, "register_quantizer")
+        hasattr(_auto, "register_quantizer")
         and hasattr(_auto, "register_quantization_config")
         and hasattr(_auto, "AUTO_QUANTIZER_MAPPING")
     )
@@ -62,13 +63,13 @@ class QuantkitHfConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a quantkit checkpoint as transformers sees it.
 
     Holds the block exactly as written (``to_dict`` gives it back unchanged, so ``save_pretrained``
-    writes the same thing) and the validated :class:`~quantkit.QuantConfig` as ``quant_config``.
+    writes the same thing) and the validated :class:`~quantkit.core.record.QuantRecord` as ``record``.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("quant_method", QUANT_METHOD)
         self._block = dict(kwargs)
-        self.quant_config = QuantConfig.from_dict(kwargs)  # validates; rejects newer formats
+        self.record = QuantRecord.from_dict(kwargs)  # validates; rejects newer formats
         self.quant_method = QUANT_METHOD
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,14 +87,14 @@ class QuantkitHfQuantizer(HfQuantizer):
     quantization_config: QuantkitHfConfig
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
-        qconfig = self.quantization_config.quant_config
-        swap_in_empty_modules(model, qconfig, _checkpoint_keys(checkpoint_files), dtype or model.dtype)
+        record = self.quantization_config.record
+        swap_in_empty_modules(model, record, _checkpoint_keys(checkpoint_files), dtype or model.dtype)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        qconfig = self.quantization_config.quant_config
+        record = self.quantization_config.record
         placed = set((getattr(model, "hf_device_map", None) or {}).values())
-        if qconfig.tied_embeddings and len(placed) > 1:
+        if record.tied_embeddings and len(placed) > 1:
             # Int8TiedHead owns no tensors, so accelerate cannot keep it beside the table it reads.
             raise QuantkitError(
                 f"this checkpoint's lm_head reads the int8 embedding table, which cannot be split over "
@@ -144,10 +145,6 @@ def register() -> bool:
     if QUANT_METHOD not in _auto.AUTO_QUANTIZER_MAPPING:
         _auto.register_quantizer(QUANT_METHOD)(QuantkitHfQuantizer)
     return True
-
-
-def registered() -> bool:
-    return supported() and QUANT_METHOD in _auto.AUTO_QUANTIZER_MAPPING
 
 
 register()  # on import: quantkit.formats.hf_hook imports this module when transformers' registry loads

@@ -21,8 +21,8 @@ from typing import Any
 from safetensors import safe_open
 from torch import nn
 
-from ..config import QuantConfig
-from ..core.modules import is_float_linear, weight_out_in
+from ..core.modules import SCALE_BUFFERS, is_float_linear, weight_out_in
+from ..core.record import QuantRecord
 from ..errors import QuantkitError
 from .compressed_tensors import PROVENANCE_NAME
 
@@ -133,10 +133,11 @@ def _bytes(tensors: dict[str, TensorInfo], path: Path, is_quant, is_scale) -> di
 def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
     problems: list[str] = []
     try:
-        qconfig = QuantConfig.from_dict(qc)
+        record = QuantRecord.from_dict(qc)
     except QuantkitError as e:
         raise QuantkitError(f"{path}: {e}") from None
-    modules = list(qconfig.modules)
+    qconfig = record.config
+    modules = list(record.modules)
     pre_scaled = [m for m in modules if f"{m}.smooth_inv" in tensors]
     static = [m for m in modules if f"{m}.input_scale" in tensors]
     for m in modules:
@@ -152,11 +153,11 @@ def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
             problems.append(f"{m}: W8A16 layer with activation tensors")
         if qconfig.scheme == "w8a8" and (m in static) != (qconfig.activations == "per_tensor"):
             problems.append(f"{m}: input_scale {'present' if m in static else 'missing'} for {qconfig.activations}")
-    embeddings = [n for n in (qconfig.input_embedding, qconfig.output_embedding) if n]
+    embeddings = [n for n in (record.input_embedding, record.output_embedding) if n]
     for m in embeddings:
-        if m == qconfig.output_embedding and qconfig.tied_embeddings:
+        if m == record.output_embedding and record.tied_embeddings:
             if f"{m}.weight" in tensors or f"{m}.weight_scale" in tensors:
-                problems.append(f"{m}: tied to {qconfig.input_embedding} but has a table of its own on disk")
+                problems.append(f"{m}: tied to {record.input_embedding} but has a table of its own on disk")
             continue  # shares the input embedding's table, written once under its name
         w, s = tensors.get(f"{m}.weight"), tensors.get(f"{m}.weight_scale")
         if w is None or w.dtype != "I8" or len(w.shape) != 2:
@@ -165,8 +166,6 @@ def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
             problems.append(f"{m}: weight_scale is not fp32 [{w.shape[0]}]")
         elif linears is not None and m in linears and linears[m] != w.shape:
             problems.append(f"{m}: table {list(w.shape)} but the architecture has {list(linears[m])}")
-    if qconfig.tied_embeddings and not (qconfig.input_embedding and qconfig.output_embedding):
-        problems.append("tied_embeddings without both an input and an output embedding")
     listed = set(modules) | set(embeddings)
     stray = sorted(
         k.rpartition(".")[0] for k, t in tensors.items() if t.dtype == "I8" and k.rpartition(".")[0] not in listed
@@ -180,18 +179,18 @@ def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
         embedding_note = "float"
     else:
         embedding_note = "int8 (per-row scales): " + " + ".join(embeddings)
-        if qconfig.tied_embeddings:
+        if record.tied_embeddings:
             embedding_note += ", one shared table"
-        if qconfig.output_embedding:
-            embedding_note += f"; {qconfig.output_embedding} runs weight-only"
-    quant_suffixes = (".weight_scale", ".smooth_inv", ".input_scale")
+        if record.output_embedding:
+            embedding_note += f"; {record.output_embedding} runs weight-only"
+    quant_suffixes = tuple(f".{b}" for b in SCALE_BUFFERS)
     return CheckpointInfo(
         path=str(path),
         format=f"quantkit (format version {qc.get('format_version')})",
         scheme=qconfig.label,
         model_type=config.get("model_type", "?"),
         dtype=str(config.get("dtype") or config.get("torch_dtype") or "?"),
-        tool=f"quantkit {qc.get('tool_version', '?')}",
+        tool=f"quantkit {record.tool_version}",
         quantized=modules,
         skipped=skipped,
         bytes=_bytes(

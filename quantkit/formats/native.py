@@ -2,7 +2,7 @@
 
 Layout of a checkpoint folder::
 
-    config.json             the model's config, plus quantization_config (see QuantConfig.to_dict)
+    config.json             the model's config, plus quantization_config (see QuantRecord.to_dict)
     model.safetensors       float tensors as in the source model; for each quantized layer
                             <name>.weight (int8 [out, in]), <name>.weight_scale (fp32 [out]),
                             optional <name>.bias, <name>.smooth_inv (fp32 [in]), <name>.input_scale
@@ -18,6 +18,7 @@ when complete, so an interrupted run never leaves a half-written output director
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -31,7 +32,7 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..core.modules import (
-    FLOAT_EMBEDDINGS,
+    SCALE_BUFFERS,
     Int8Embedding,
     Int8TiedHead,
     is_float_embedding,
@@ -39,6 +40,7 @@ from ..core.modules import (
     replace_module,
     weight_out_in,
 )
+from ..core.record import QuantRecord, record_of
 from ..errors import QuantkitError
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool =
     Example:
         >>> quantkit.save(model, "smollm2-w8a8", tokenizer)
     """
-    QuantConfig.from_dict(quant_config_dict(model))  # validate before writing anything
+    record_of(model)  # validate before writing anything
     # config.dtype is what from_pretrained(dtype="auto") and servers load in; model.to() does not
     # update it, so record the dtype the float tensors really have.
     model.config.dtype = float_dtype(model)
@@ -99,20 +101,6 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool =
             tokenizer.save_pretrained(tmp)
     log.info("wrote %s", out)
     return Path(out)
-
-
-def quant_config_dict(model: nn.Module) -> dict:
-    """The model's quantkit ``quantization_config`` block, however it was loaded.
-
-    ``quantkit.quantize``/``quantkit.load`` keep it as a dict; ``from_pretrained`` as a
-    :class:`~quantkit.formats.hf_quantizer.QuantkitHfConfig`, whose ``to_dict()`` is that same dict.
-    """
-    qc = getattr(model.config, "quantization_config", None)
-    if qc is not None and not isinstance(qc, dict) and hasattr(qc, "to_dict"):
-        qc = qc.to_dict()
-    if not isinstance(qc, dict) or qc.get("quant_method") != "quantkit":
-        raise QuantkitError("model is not quantized by quantkit; call quantkit.quantize() first")
-    return qc
 
 
 def float_dtype(model: nn.Module) -> torch.dtype:
@@ -137,17 +125,27 @@ def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_quant_config(path: str | Path) -> QuantConfig:
-    """The checkpoint's :class:`QuantConfig`, read from ``config.json`` alone."""
-    import json
-
+def read_record(path: str | Path) -> QuantRecord:
+    """The checkpoint's :class:`QuantRecord` (what was quantized, and how), from ``config.json`` alone."""
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise QuantkitError(f"{path} has no config.json; is it a model folder?")
-    qc = json.loads(cfg_file.read_text()).get("quantization_config")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise QuantkitError(f"{cfg_file} is not valid JSON; the checkpoint is damaged") from None
+    qc = cfg.get("quantization_config") if isinstance(cfg, dict) else None
     if qc is None:
         raise QuantkitError(f"{path} is not a quantized checkpoint (config.json has no quantization_config)")
-    return QuantConfig.from_dict(qc)
+    try:
+        return QuantRecord.from_dict(qc)
+    except QuantkitError as e:
+        raise QuantkitError(f"{path}: {e}") from None
+
+
+def read_quant_config(path: str | Path) -> QuantConfig:
+    """The :class:`QuantConfig` a checkpoint was made with (its record: :func:`read_record`)."""
+    return read_record(path).config
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
@@ -166,7 +164,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    qconfig = read_quant_config(path)
+    record = read_record(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise QuantkitError(f"{path} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
@@ -184,15 +182,14 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     # are real, since checkpoints do not store non-persistent buffers.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    swap_in_empty_modules(model, qconfig, keys, dtype)
+    swap_in_empty_modules(model, record, keys, dtype)
 
     # Copy each tensor out of the file buffer: safetensors hands back tensors at whatever offset
     # they sit in the file (8 mod 64 here), and torch's AVX-512 int8 kernels crash on such
     # misaligned weights. clone() gets 64-byte-aligned memory from torch's allocator.
     # Float tensors follow ``dtype`` (as from_pretrained casts them), except the quantized layers'
     # fp32 scales, which the skeleton declares fp32.
-    quantized = (*qconfig.modules, qconfig.input_embedding, qconfig.output_embedding)
-    keep = {f"{n}.{b}" for n in quantized if n for b in ("weight_scale", "smooth_inv", "input_scale")}
+    keep = {f"{n}.{b}" for n in record.quantized_modules for b in SCALE_BUFFERS}
     with safe_open(str(weights), framework="pt") as f:
         state = {}
         for k in f.keys():
@@ -210,9 +207,9 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     return model.to(device).eval()
 
 
-def swap_in_empty_modules(model: nn.Module, qconfig: QuantConfig, keys: set[str], dtype: torch.dtype) -> None:
+def swap_in_empty_modules(model: nn.Module, record: QuantRecord, keys: set[str], dtype: torch.dtype) -> None:
     """Replace a skeleton's float modules by empty quantized ones (on the meta device), as the
-    checkpoint's ``qconfig`` lists them; ``keys`` (the checkpoint's tensor names) tell which optional
+    checkpoint's ``record`` lists them; ``keys`` (the checkpoint's tensor names) tell which optional
     buffers exist. Used by :func:`load` and by the transformers integration.
     """
 
@@ -229,30 +226,20 @@ def swap_in_empty_modules(model: nn.Module, qconfig: QuantConfig, keys: set[str]
             kw = {"has_smooth": f"{name}.smooth_inv" in keys, "static": f"{name}.input_scale" in keys}
         return make_empty(scheme, in_f, out_f, f"{name}.bias" in keys, dtype, device="meta", **kw)
 
-    for name in qconfig.modules:
-        replace_module(model, name, empty_linear(name, qconfig.scheme))
+    for name in record.modules:
+        replace_module(model, name, empty_linear(name, record.config.scheme))
     embedding = None
-    if qconfig.input_embedding:
-        float_emb = float_module(qconfig.input_embedding)
+    if record.input_embedding:
+        float_emb = float_module(record.input_embedding)
         if not is_float_embedding(float_emb):
-            raise QuantkitError(f"{qconfig.input_embedding} is a {type(float_emb).__name__}, not an embedding")
-        scaled = FLOAT_EMBEDDINGS[type(float_emb).__name__]
-        embedding = Int8Embedding(
-            float_emb.num_embeddings,
-            float_emb.embedding_dim,
-            dtype,
-            device="meta",
-            padding_idx=float_emb.padding_idx,
-            embed_scale=float_emb.scalar_embed_scale if scaled else None,
-        )
-        replace_module(model, qconfig.input_embedding, embedding)
-    if qconfig.output_embedding and qconfig.tied_embeddings:  # reads the input embedding's table
-        if embedding is None:
-            raise QuantkitError("checkpoint config ties the output embedding to an input embedding it does not list")
-        name = qconfig.output_embedding
+            raise QuantkitError(f"{record.input_embedding} is a {type(float_emb).__name__}, not an embedding")
+        embedding = Int8Embedding.like(float_emb, dtype, device="meta")
+        replace_module(model, record.input_embedding, embedding)
+    if record.output_embedding and record.tied_embeddings:  # reads the input embedding's table
+        name = record.output_embedding
         bias = None
         if f"{name}.bias" in keys:
             bias = torch.empty(float_module(name).out_features, dtype=dtype, device="meta")
         replace_module(model, name, Int8TiedHead(embedding, bias))
-    elif qconfig.output_embedding:  # weight-only whatever the scheme
-        replace_module(model, qconfig.output_embedding, empty_linear(qconfig.output_embedding, "w8a16"))
+    elif record.output_embedding:  # weight-only whatever the scheme
+        replace_module(model, record.output_embedding, empty_linear(record.output_embedding, "w8a16"))

@@ -19,7 +19,9 @@ from collections.abc import Callable
 
 import torch
 
-from . import Impl, cpu_fused
+from ..qmath import EPS, QMAX
+from . import cpu_fused
+from .registry import Impl
 
 # Above this many rows, _weight_int8pack_mm (a matrix-vector style kernel) loses to converting the
 # weight once and calling the float GEMM: the conversion is amortized over M rows. Measured on a
@@ -45,10 +47,10 @@ def w8a8_linear(
     if smooth_inv is not None:
         x2d = x2d.float() * smooth_inv.float()
     if input_scale is None:
-        scale = x2d.abs().amax(dim=-1, keepdim=True).float().clamp_min_(1e-8).div_(127)
+        scale = x2d.abs().amax(dim=-1, keepdim=True).float().clamp_min_(EPS).div_(QMAX)
     else:
         scale = input_scale.float().reshape(1, 1)
-    xq = torch.round(x2d / scale).clamp_(-127, 127).to(torch.int8)
+    xq = torch.round(x2d / scale).clamp_(-QMAX, QMAX).to(torch.int8)
     # int32 accumulator rescaled in fp32, in the reference's order (see reference.w8a8_linear).
     y = (torch._int_mm(xq, weight.T) * scale).mul_(weight_scale.float())
     if bias is not None:

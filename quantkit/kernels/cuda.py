@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
-from . import Impl
 from .cpu import w8a8_linear as _int_mm_w8a8
+from .registry import Impl
 
 
 def w8a8_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -3,21 +3,8 @@
 These are the oracle every fast path is tested against, and the fallback when no fast path takes a
 shape. They are plain PyTorch, written for clarity rather than speed.
 
-Op contracts (shared by every backend):
-
-``w8a16_linear(x, weight, weight_scale, bias)``
-    ``x`` float ``[..., K]`` (bf16/fp16/fp32), ``weight`` int8 ``[N, K]``, ``weight_scale`` fp32 ``[N]``,
-    ``bias`` ``[N]`` or None. Returns ``x @ (weight * weight_scale[:, None]).T + bias`` in ``x.dtype``.
-
-``w8a8_linear(x, weight, weight_scale, bias, smooth_inv, input_scale)``
-    Same shapes, plus ``smooth_inv`` fp32 ``[K]`` or None (a per-input-channel multiplier applied to
-    ``x`` before quantization: the SmoothQuant pre-scale for layers with no norm to fold it into) and
-    ``input_scale`` fp32 scalar tensor or None (static per-tensor activation scale; None means dynamic
-    per-token scales). Activations are quantized to int8, multiplied with int8 weights into int32, and
-    rescaled in fp32: ``y = (xq @ wq.T) * x_scale[:, None] * weight_scale[None, :] + bias``.
-
-``int8_mm(a, b)``
-    int8 ``[M, K]`` times int8 ``[N, K]`` transposed, exact, into int32 ``[M, N]``.
+The op contracts they implement are stated once, for every backend, by
+:class:`quantkit.kernels.W8A16Op` and :class:`quantkit.kernels.W8A8Op`.
 """
 
 from __future__ import annotations
@@ -28,6 +15,7 @@ from ..qmath import dequantize, quantize_per_token, quantize_to_int8
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 ``[M, K]`` times int8 ``[N, K]`` transposed, exact, into int32 ``[M, N]``."""
     # int32 products of int8 values are exact, and so are their sums until |sum| > 2^31:
     # K * 127 * 127 < 2^31 holds for K up to 133,000, far beyond any hidden size.
     return a.to(torch.int32) @ b.to(torch.int32).T

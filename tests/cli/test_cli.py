@@ -177,3 +177,13 @@ def test_cli_embeddings_flag(tmp_path, tiny_model_dir):
         assert main([*args, "-q"]) == 0
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
         assert qc["embeddings"] == choice and bool(qc["input_embedding"]) is (choice == "int8")
+
+
+def test_quantize_to_disk_rejects_an_unknown_format_before_loading(tmp_path):
+    from quantkit.config import QuantConfig
+    from quantkit.errors import QuantkitError
+    from quantkit.evaluation.pipeline import quantize_to_disk
+
+    with pytest.raises(QuantkitError, match="unknown checkpoint format 'compressed_tensors'"):
+        quantize_to_disk(tmp_path / "no-model", tmp_path / "out", QuantConfig(), fmt="compressed_tensors")
+    assert list(tmp_path.iterdir()) == []

@@ -28,8 +28,8 @@ import quantkit
 from quantkit import QuantConfig, QuantkitError
 from quantkit.core.calibration import collect_stats
 from quantkit.core.modules import W8A8Linear, W8A16Linear
+from quantkit.core.smoothquant import fold_pre_scales
 from quantkit.formats.compressed_tensors import (
-    fold_pre_scales,
     pack_int8,
     quantize_for_export,
     save_compressed_tensors,
@@ -168,7 +168,7 @@ def test_pre_scales_are_folded_and_function_is_preserved():
         ids = torch.randint(0, 256, (2, 16))
         with torch.no_grad():
             ref = model(input_ids=ids).logits
-        _, done = fold_pre_scales(model, stats, QuantConfig())
+        _, done = fold_pre_scales(model, quantkit.select_targets(model, QuantConfig()), stats, QuantConfig())
         with torch.no_grad():
             out = model(input_ids=ids).logits
         assert sqnr_db(ref, out) > 100, arch

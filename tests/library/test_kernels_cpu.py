@@ -5,6 +5,8 @@ These tests cover the eager CPU tier (``cpu_int_mm``, ``cpu_int8pack``). The fus
 ``QUANTKIT_COMPILE=0``; tests/library/test_kernels_cpu_fast.py covers them.
 """
 
+import inspect
+
 import pytest
 import torch
 
@@ -86,3 +88,20 @@ def test_force_backend_pins_reference(monkeypatch):
     assert kernels.select("w8a8", x, w)[0] == "cpu_int_mm"
     monkeypatch.setenv("QUANTKIT_KERNELS", "reference")
     assert kernels.select("w8a16", x, w)[0] == "reference"
+
+
+@pytest.mark.parametrize("op,protocol", [("w8a16", kernels.W8A16Op), ("w8a8", kernels.W8A8Op)])
+def test_every_backend_takes_the_op_signature(op, protocol):
+    # The op signatures are stated once, by the protocols in quantkit.kernels: every registered
+    # implementation, the reference and the dispatch function take those parameters, in that order.
+    def params(fn, n):
+        return [(p.name, p.kind, p.default) for p in list(inspect.signature(fn).parameters.values())[:n]]
+
+    want = params(protocol.__call__, None)[1:]  # without self
+    fns = [impl.fn for impl in kernels.registry._IMPLS[op]] + [
+        getattr(reference, f"{op}_linear"),
+        getattr(kernels, f"{op}_linear"),
+    ]
+    assert len(fns) > 2
+    for fn in fns:
+        assert params(fn, len(want)) == want, fn

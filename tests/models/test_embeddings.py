@@ -10,7 +10,7 @@ from safetensors import safe_open
 from tiny_models import make_tiny
 
 import quantkit
-from quantkit import QuantConfig, QuantkitError
+from quantkit import QuantConfig, QuantkitError, QuantRecord
 from quantkit.core.modules import Int8Embedding, Int8TiedHead, W8A16Linear, is_float_embedding, is_float_linear
 from quantkit.evaluation.measure import weight_bytes
 
@@ -107,12 +107,12 @@ def test_lm_head_in_the_scheme_leaves_the_input_embedding_alone_in_int8():
 def test_config_field_and_old_format(tmp_path):
     with pytest.raises(QuantkitError, match="embeddings"):
         QuantConfig(embeddings="int4")
-    d = QuantConfig(scheme="w8a16").to_dict()
+    d = QuantRecord(QuantConfig(scheme="w8a16")).to_dict()
     assert d["embeddings"] == "int8" and d["format_version"] == 2
     # Format 1 predates int8 embeddings: a block without the field means float embeddings.
     old = {k: v for k, v in d.items() if k not in ("embeddings", "input_embedding", "output_embedding")}
     old = {k: v for k, v in old.items() if k != "tied_embeddings"}
-    assert QuantConfig.from_dict({**old, "format_version": 1}).embeddings == "float"
+    assert QuantRecord.from_dict({**old, "format_version": 1}).config.embeddings == "float"
 
 
 def test_model_whose_only_float_parameters_are_embeddings_keeps_them(tmp_path):

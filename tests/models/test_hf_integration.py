@@ -15,7 +15,7 @@ import quantkit
 from quantkit import QuantConfig
 from quantkit.core.calibration import collect_stats
 from quantkit.core.modules import W8A8Linear, W8A16Linear
-from quantkit.formats.hf_quantizer import QuantkitHfConfig, register, registered, supported
+from quantkit.formats.hf_quantizer import QuantkitHfConfig, QuantkitHfQuantizer, register, supported
 
 pytestmark = pytest.mark.skipif(not supported(), reason="transformers >= 5 needed for the quantizer registry")
 
@@ -52,7 +52,7 @@ def test_from_pretrained_equals_quantkit_load(tmp_path, tiny_arch, name):
     ours = quantkit.load(path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(path)
     cls = W8A16Linear if name == "w8a16" else W8A8Linear
-    names = list(quantkit.read_quant_config(path).modules)
+    names = list(quantkit.read_record(path).modules)
     assert names and all(type(theirs.get_submodule(n)) is cls for n in names)
     assert theirs.dtype == torch.bfloat16  # the checkpoint's dtype, recorded by quantkit.save
     assert isinstance(theirs.config.quantization_config, QuantkitHfConfig)
@@ -81,8 +81,12 @@ def test_save_pretrained_round_trips(tmp_path):
 
 
 def test_registration_is_idempotent_and_registered():
-    assert registered()
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+
+    # A second registration would raise in transformers' registry: register() must see the first.
     assert register() and register()
+    assert AUTO_QUANTIZER_MAPPING["quantkit"] is QuantkitHfQuantizer
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING["quantkit"] is QuantkitHfConfig
 
 
 def test_unsupported_transformers_registers_nothing(monkeypatch):

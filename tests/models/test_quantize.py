@@ -5,7 +5,7 @@ import torch
 from tiny_models import make_tiny
 
 import quantkit
-from quantkit import QuantConfig, QuantkitError
+from quantkit import QuantConfig, QuantkitError, QuantRecord
 from quantkit.core.modules import Int8Embedding, Int8TiedHead, W8A8Linear, W8A16Linear, is_float_linear
 from quantkit.qmath import sqnr_db
 
@@ -100,11 +100,47 @@ def test_quantized_tied_lm_head_is_untied_and_round_trips(tmp_path):
 def test_config_validation_and_round_trip():
     with pytest.raises(QuantkitError, match="alpha"):
         QuantConfig(alpha=1.5)
+    with pytest.raises(QuantkitError, match="alpha"):
+        QuantConfig(alpha="0.5")
     with pytest.raises(QuantkitError, match="scheme"):
         QuantConfig(scheme="w4a16")
-    c = QuantConfig(scheme="w8a8", alpha=0.7, include=["a"], modules=("x",))
+    with pytest.raises(QuantkitError, match="exclude"):
+        QuantConfig(exclude=[1])
+    c = QuantConfig(scheme="w8a8", alpha=0.7, include=["a"])
     assert QuantConfig.from_dict(c.to_dict()) == c
+    assert QuantConfig.from_dict({**c.to_dict(), "alpha": 0.8}) != c
+    with pytest.raises(QuantkitError, match="unknown"):
+        QuantConfig.from_dict({**c.to_dict(), "modules": []})  # the record's field, not the request's
+
+
+def test_record_round_trip_sees_every_field():
+    c = QuantConfig(scheme="w8a8", alpha=0.7, include=["a"])
+    r = QuantRecord(c, modules=("x", "y"), input_embedding="emb", output_embedding="head", tied_embeddings=True)
+    block = r.to_dict()
+    assert block["quant_method"] == "quantkit" and block["format_version"] == 2 and block["alpha"] == 0.7
+    assert QuantRecord.from_dict(block) == r
+    # What was done is part of the comparison: a lost or changed record is visible.
+    changes = [{"modules": ["x"]}, {"output_embedding": "other"}, {"tied_embeddings": False}, {"alpha": 0.5}]
+    for change in changes:
+        assert QuantRecord.from_dict({**block, **change}) != r, change
     with pytest.raises(QuantkitError, match="not quantkit"):
-        QuantConfig.from_dict({"quant_method": "gptq"})
+        QuantRecord.from_dict({"quant_method": "gptq"})
     with pytest.raises(QuantkitError, match="upgrade"):
-        QuantConfig.from_dict({**c.to_dict(), "format_version": 99})
+        QuantRecord.from_dict({**block, "format_version": 99})
+    with pytest.raises(QuantkitError, match="format_version"):
+        QuantRecord.from_dict({**block, "format_version": "2"})
+    with pytest.raises(QuantkitError, match="modules"):
+        QuantRecord.from_dict({**block, "modules": 3})
+    with pytest.raises(QuantkitError, match="both"):
+        QuantRecord.from_dict({**block, "input_embedding": ""})  # tied, but to nothing
+    with pytest.raises(QuantkitError, match="unknown"):
+        QuantRecord.from_dict({**block, "colour": "blue"})
+
+
+def test_quantize_records_what_it_did():
+    model = make_tiny("llama")
+    quantkit.quantize(model, QuantConfig(scheme="w8a16"), progress=False)
+    record = QuantRecord.from_dict(model.config.quantization_config)
+    linears = {n for n, m in model.named_modules() if isinstance(m, W8A16Linear)} - {record.output_embedding}
+    assert set(record.modules) == linears and record.config == QuantConfig(scheme="w8a16")
+    assert record.input_embedding == "model.embed_tokens"

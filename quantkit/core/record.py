@@ -1,0 +1,133 @@
+"""The record of what :func:`quantkit.quantize` did to a model, and its on-disk form.
+
+A :class:`QuantRecord` is the user's :class:`~quantkit.QuantConfig` plus what quantization made of it
+on this model: the linear layers it converted and how it stored the embedding tables. A quantized
+model carries it as ``model.config.quantization_config`` (a dict, transformers' convention), so it is
+written into the checkpoint's ``config.json`` and read back from there: a checkpoint always says how
+it was made and which tensors it must hold. The block is flat, the config's fields beside the
+record's::
+
+    {"quant_method": "quantkit", "format_version": 2, "tool_version": "0.1.0",
+     "scheme": "w8a8", ..., "modules": [...], "input_embedding": "model.embed_tokens", ...}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._version import __version__
+from ..config import QuantConfig
+from ..errors import QuantkitError
+
+# Bumped when the on-disk layout of a quantized checkpoint changes. 2: int8 embeddings.
+FORMAT_VERSION = 2
+QUANT_METHOD = "quantkit"
+
+# Fields of the block that belong to the record, not to the QuantConfig; introduced in format 2
+# except ``modules``.
+_RECORD_FIELDS = ("modules", "input_embedding", "output_embedding", "tied_embeddings")
+
+
+@dataclass(frozen=True)
+class QuantRecord:
+    """What was quantized, and how.
+
+    Attributes:
+        config: what the user asked for.
+        modules: fully-qualified names of the linear layers quantized with ``config.scheme``.
+        input_embedding: the :class:`~quantkit.core.modules.Int8Embedding`, ``""`` if float.
+        output_embedding: the int8 ``lm_head`` (weight-only whatever the scheme), ``""`` if none.
+        tied_embeddings: the two share one int8 table (stored once, under the input embedding).
+        tool_version: the quantkit that made it (information only; not compared).
+    """
+
+    config: QuantConfig
+    modules: tuple[str, ...] = ()
+    input_embedding: str = ""
+    output_embedding: str = ""
+    tied_embeddings: bool = False
+    tool_version: str = field(default=__version__, compare=False)
+
+    def __post_init__(self) -> None:
+        modules = (self.modules,) if isinstance(self.modules, str) else self.modules
+        if not isinstance(modules, (list, tuple)) or not all(isinstance(m, str) and m for m in modules):
+            raise QuantkitError("quantization_config 'modules' must be a list of module names")
+        object.__setattr__(self, "modules", tuple(modules))
+        for name in ("input_embedding", "output_embedding"):
+            if not isinstance(getattr(self, name), str):
+                raise QuantkitError(f"quantization_config {name!r} must be a module name or empty")
+        if not isinstance(self.tied_embeddings, bool):
+            raise QuantkitError("quantization_config 'tied_embeddings' must be true or false")
+        if self.tied_embeddings and not (self.input_embedding and self.output_embedding):
+            raise QuantkitError("quantization_config ties the embeddings but does not name both of them")
+
+    @property
+    def embeddings_label(self) -> str:
+        """How the model stores its embedding and ``lm_head``, e.g. for reports."""
+        if self.tied_embeddings:
+            return "embedding and lm_head: one int8 table, per-row scales; lm_head weight-only"
+        if any(m.rpartition(".")[2] == "lm_head" for m in self.modules):
+            head = "lm_head in the scheme"
+        else:
+            head = "lm_head int8 weight-only" if self.output_embedding else "lm_head float"
+        return f"embedding {'int8' if self.input_embedding else 'float'}, {head}"
+
+    @property
+    def quantized_modules(self) -> tuple[str, ...]:
+        """Every module holding int8 tensors: the linear layers and the int8 embedding tables."""
+        return (*self.modules, *(n for n in (self.input_embedding, self.output_embedding) if n))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``quantization_config`` block written to ``config.json``."""
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": FORMAT_VERSION,
+            "tool_version": self.tool_version,
+            **self.config.to_dict(),
+            "modules": list(self.modules),
+            "input_embedding": self.input_embedding,
+            "output_embedding": self.output_embedding,
+            "tied_embeddings": self.tied_embeddings,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> QuantRecord:
+        """Inverse of :meth:`to_dict`; rejects other methods, newer formats and malformed fields."""
+        if not isinstance(d, dict):
+            raise QuantkitError("quantization_config must be a JSON object")
+        d = dict(d)
+        method = d.pop("quant_method", None)
+        if method != QUANT_METHOD:
+            raise QuantkitError(f"quantization_config is for {method!r}, not quantkit")
+        version = d.pop("format_version", None)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise QuantkitError(f"quantization_config has format_version {version!r}, not a positive integer")
+        if version > FORMAT_VERSION:
+            raise QuantkitError(
+                f"checkpoint format version {version} is not supported by this quantkit "
+                f"(supports <= {FORMAT_VERSION}); upgrade quantkit"
+            )
+        tool_version = str(d.pop("tool_version", "?"))
+        if version < 2:  # format 1 predates int8 embeddings: its embeddings are float
+            d.setdefault("embeddings", "float")
+        record = {k: d.pop(k) for k in _RECORD_FIELDS if k in d}
+        try:
+            config = QuantConfig.from_dict(d)
+        except TypeError as e:  # a field of the wrong type that the dataclass could not take
+            raise QuantkitError(f"quantization_config is malformed: {e}") from None
+        return cls(config, **record, tool_version=tool_version)
+
+
+def record_of(model: Any) -> QuantRecord:
+    """The :class:`QuantRecord` of a model quantized by quantkit, however it was loaded.
+
+    ``quantkit.quantize`` and ``quantkit.load`` keep the block as a dict; transformers'
+    ``from_pretrained`` as a config object whose ``to_dict()`` is that same dict.
+    """
+    qc = getattr(model.config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict) and hasattr(qc, "to_dict"):
+        qc = qc.to_dict()
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        raise QuantkitError("model is not quantized by quantkit; call quantkit.quantize() first")
+    return QuantRecord.from_dict(qc)
