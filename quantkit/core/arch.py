@@ -159,9 +159,9 @@ DEFAULT = ArchSpec(())
 _E = TypeVar("_E", Layout, Producer)
 
 
-def spec_for(model_type: str) -> ArchSpec:
-    """The table entry for a ``config.model_type``, or :data:`DEFAULT`."""
-    return ARCHITECTURES.get(model_type, DEFAULT)
+def spec_of(model: nn.Module) -> ArchSpec:
+    """The table entry for the model's ``config.model_type``, or :data:`DEFAULT`."""
+    return ARCHITECTURES.get(getattr(model.config, "model_type", ""), DEFAULT)
 
 
 def requires_hold(requires: dict[str, Any], config: Any) -> bool:
@@ -172,7 +172,7 @@ def requires_hold(requires: dict[str, Any], config: Any) -> bool:
 def smooth_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     """``(norm, linears)`` by fully-qualified name, for every group of the first layout that applies
     under each decoder layer of ``model``, in module order."""
-    spec = spec_for(getattr(model.config, "model_type", ""))
+    spec = spec_of(model)
     return [
         (f"{prefix}.{g.norm}", [f"{prefix}.{lin}" for lin in g.linears])
         for prefix, layout in _per_layer(model, spec.layouts, first=True)
@@ -183,7 +183,7 @@ def smooth_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
 def producer_pairs(model: nn.Module) -> list[tuple[Producer, str, str]]:
     """``(pair, producer, consumer)``, names fully qualified, for every :class:`Producer` pair whose
     config condition holds and whose two modules exist under a decoder layer of ``model``."""
-    spec = spec_for(getattr(model.config, "model_type", ""))
+    spec = spec_of(model)
     return [
         (p, f"{prefix}.{p.producer}", f"{prefix}.{p.consumer}")
         for prefix, p in _per_layer(model, spec.producers, first=False)

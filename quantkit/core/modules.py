@@ -40,6 +40,13 @@ def is_float_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) and type(module).__name__ in FLOAT_LINEARS
 
 
+def embeddings_of(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
+    """``(input embedding, output projection)`` of a transformers model; None where it has none."""
+    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return inp, out
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` in place of the submodule called ``name`` (fully qualified)."""
     parent, _, child = name.rpartition(".")

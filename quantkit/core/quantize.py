@@ -36,6 +36,7 @@ from .modules import (
     Int8TiedHead,
     W8A8Linear,
     W8A16Linear,
+    embeddings_of,
     is_float_embedding,
     is_float_linear,
     replace_module,
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 
 def select_targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
     """Float linear layers to quantize, by fully-qualified name, after include/exclude patterns."""
-    spec = arch.spec_for(getattr(model.config, "model_type", ""))
+    spec = arch.spec_of(model)
     exclude = config.exclude + spec.exclude
     targets = {
         name: m
@@ -156,8 +157,7 @@ def _quantize_embeddings(model: nn.Module) -> dict:
     quantized (``lm_head`` not excluded) is left as it is. Returns the :class:`QuantRecord` fields
     that record what was done.
     """
-    inp = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    inp, out = embeddings_of(model)
     in_ok = inp is not None and is_float_embedding(inp)
     out_ok = out is not None and is_float_linear(out) and not FLOAT_LINEARS[type(out).__name__].transposed
     tied = inp is not None and out is not None and _is_tied(model, out, inp)
@@ -214,6 +214,6 @@ def _untie_if_quantized(model: nn.Module) -> None:
     transformers ties parameters; a quantized pair is tied by :class:`Int8TiedHead` instead, which
     loading rebuilds from ``QuantRecord.tied_embeddings``.
     """
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = embeddings_of(model)[1]
     if out is not None and not is_float_linear(out) and getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False

@@ -81,7 +81,7 @@ def apply_smoothquant(
     pre-scale. Scales rather than smoothed weights are returned so that only one layer's fp32 weight
     exists at a time (an 8B model's would take 28 GB). ``stats`` is not modified.
     """
-    offset = arch.spec_for(getattr(model.config, "model_type", "")).norm_offset
+    offset = arch.spec_of(model).norm_offset
     modules = dict(model.named_modules())
     stats = dict(stats)
     scales: dict[str, torch.Tensor] = {}
@@ -138,7 +138,20 @@ def fold_pre_scales(
     For every :func:`quantkit.core.arch.producer_pairs` pair with both sides in ``targets``, ``s`` is
     computed as SmoothQuant does (``max|X|^alpha / max|W|^(1 - alpha)``, tied across query heads that
     share a value head), the producer's rows (and bias) are divided by ``s`` and the consumer's input
-    columns multiplied by it. The float function is unchanged up to rounding.
+    columns multiplied by it. The float function is unchanged up to rounding, because the consumer's
+    input is linear in each of the producer's output rows:
+
+    * ``up_proj -> down_proj``: ``down``'s input is ``act(gate(x)) * up(x)``, so dividing row ``j`` of
+      ``up_proj`` (and its bias) by ``s_j`` divides input ``j`` of ``down_proj`` by ``s_j``. Same for a
+      ReLU MLP (OPT ``fc1 -> fc2``): ``relu(x / s) = relu(x) / s`` for ``s > 0``. Not for GELU MLPs
+      (GPT-2, Falcon): those have no pair in the table.
+    * ``v_proj -> o_proj``: attention output is a weighted sum of value rows, so each ``o_proj`` input
+      channel ``(head h, dim d)`` is linear in ``v_proj`` output ``(kv_head(h), d)``. With grouped-query
+      attention several query heads share one value head, so ``s`` must be equal across them: it is
+      computed from the maximum activation and weight statistics over the heads of a group.
+
+    Row scaling costs nothing in the producer: its weight is quantized per output row, and scaling a
+    row rescales that row's int8 scale only.
 
     The two weights become fp32 parameters (the smoothed weight is quantized without an
     intermediate rounding to bf16, as for norm-folded smoothing): quantize right after, which

