@@ -49,9 +49,6 @@ DEFAULT_VARIANTS: dict[str, QuantConfig] = {
 }
 
 
-# Checkpoint formats quantize_to_disk writes: quantkit's own, and the compressed-tensors layout vLLM serves.
-
-
 def load_calibrated(
     model: str | Path,
     config: QuantConfig | None = None,
