@@ -7,8 +7,10 @@ Statistics are plain tensors keyed by module name and can be saved to / loaded f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -79,11 +81,10 @@ def make_samples(tokenizer, texts: list[str], n_samples: int, seq_len: int) -> t
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
-@torch.no_grad()
-def collect_stats(
-    model: nn.Module, samples: torch.Tensor, modules: dict[str, nn.Module], *, progress: bool = True
-) -> ActStats:
-    """Per-input-channel abs-max of the input of each module in ``modules``, over all ``samples``."""
+@contextlib.contextmanager
+def recording_amax(modules: dict[str, nn.Module]) -> Iterator[ActStats]:
+    """Inside the block, every forward of a module in ``modules`` updates the yielded statistics
+    with the per-input-channel abs-max of its input (fp32, on the CPU)."""
     stats: ActStats = {}
 
     def hook_for(name: str):
@@ -96,16 +97,25 @@ def collect_stats(
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in modules.items()]
-    device = next(model.parameters()).device
     try:
-        for row in tqdm(samples, desc="Calibrating", unit="sample", disable=not progress):
-            model(input_ids=row[None, :].to(device), use_cache=False)
+        yield stats
     finally:
         for h in handles:
             h.remove()
     missing = set(modules) - set(stats)
     if missing:
         log.warning("%d modules saw no input during calibration (e.g. %s)", len(missing), sorted(missing)[0])
+
+
+@torch.no_grad()
+def collect_stats(
+    model: nn.Module, samples: torch.Tensor, modules: dict[str, nn.Module], *, progress: bool = True
+) -> ActStats:
+    """Per-input-channel abs-max of the input of each module in ``modules``, over all ``samples``."""
+    device = next(model.parameters()).device
+    with recording_amax(modules) as stats:
+        for row in tqdm(samples, desc="Calibrating", unit="sample", disable=not progress):
+            model(input_ids=row[None, :].to(device), use_cache=False)
     return stats
 
 

@@ -115,16 +115,40 @@ def quantize(
     if getattr(model.config, "quantization_config", None) is not None:
         raise QuantkitError("this model is already quantized; start from the float model")
     targets = select_targets(model, config)
-    if config.needs_calibration:
-        if stats is None:
-            raise QuantkitError(f"{config.label} needs calibration statistics: run quantkit.calibrate() first")
-        missing = [n for n in targets if n not in stats]
-        if missing:
-            raise QuantkitError(
-                f"calibration statistics lack {len(missing)} target layers (e.g. {missing[0]}); "
-                "recalibrate with the same model and include/exclude patterns"
-            )
+    check_stats(targets, stats, config)
+    quantize_targets(model, targets, stats, config, progress=progress)
+    return finish(model, config, tuple(targets))
 
+
+def check_stats(targets: dict[str, nn.Module], stats: ActStats | None, config: QuantConfig) -> None:
+    """Fail before any change if ``config`` needs statistics that ``stats`` lacks."""
+    if not config.needs_calibration:
+        return
+    if stats is None:
+        raise QuantkitError(f"{config.label} needs calibration statistics: run quantkit.calibrate() first")
+    missing = [n for n in targets if n not in stats]
+    if missing:
+        raise QuantkitError(
+            f"calibration statistics lack {len(missing)} target layers (e.g. {missing[0]}); "
+            "recalibrate with the same model and include/exclude patterns"
+        )
+
+
+@torch.no_grad()
+def quantize_targets(
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    stats: ActStats | None,
+    config: QuantConfig,
+    *,
+    progress: bool = False,
+) -> None:
+    """Smooth (W8A8 SmoothQuant) and swap ``targets`` for quantized modules, in place.
+
+    ``targets`` may be any subset of :func:`select_targets`, e.g. one decoder layer's linears with
+    that layer's statistics (the layer-by-layer pipeline): smoothing only touches the groups whose
+    linears have statistics, and each layer's groups lie within it.
+    """
     scales: dict[str, torch.Tensor] = {}
     smooth_inv: dict[str, torch.Tensor] = {}
     if config.scheme == "w8a8" and config.smoothing == "smoothquant":
@@ -141,9 +165,14 @@ def quantize(
         weight = weight_out_in(module).detach().float() * scales[name][None, :] if name in scales else None
         replace_module(model, name, cls.from_float(module, weight, **kwargs))
 
+
+@torch.no_grad()
+def finish(model: nn.Module, config: QuantConfig, modules: tuple[str, ...]) -> nn.Module:
+    """After the linear layers: the embeddings (``config.embeddings``), the untie, and the record
+    of what was done in ``model.config.quantization_config``."""
     embedding_modules = _quantize_embeddings(model) if config.embeddings == "int8" else {}
     _untie_if_quantized(model)
-    record = QuantRecord(config, modules=tuple(targets), **embedding_modules)
+    record = QuantRecord(config, modules=modules, **embedding_modules)
     model.config.quantization_config = record.to_dict()
     return model
 

@@ -115,7 +115,7 @@ def apply_smoothquant(
             scales[n] = s
             smooth_inv[n] = 1.0 / s
             stats[n] = stats[n] / s
-    log.info(
+    log.debug(
         "smoothing: %d layers folded into norms, %d with a run-time pre-scale, %d unsmoothed",
         len(covered),
         len(smooth_inv),

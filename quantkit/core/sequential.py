@@ -1,0 +1,235 @@
+"""Layer-by-layer quantization: memory for about one decoder layer, not for the model.
+
+:func:`quantize_layerwise` starts from a model *skeleton* (built on the meta device: modules and
+shapes, no weights) and a function that reads one float tensor of the source checkpoint by name.
+It materializes only what it is working on:
+
+1. everything outside the decoder stack except the output projection (embeddings, position tables,
+   the final norm: small), in fp32;
+2. the inputs of every decoder layer on the calibration samples, captured by running the model
+   with each layer replaced by a stub that records the arguments it is called with (hidden states
+   for the first layer; attention masks, position embeddings, ... for each layer, since some
+   architectures give layers of different types different ones) and stops the forward at the last
+   layer. No per-model code: whatever the model passes its layers is what they get here;
+3. for each layer in turn: read its weights (fp32), run the cached inputs through it while recording
+   the activation abs-max of its linears (the statistics :func:`quantkit.calibrate` would record
+   for them), cast it to the serving dtype, smooth and quantize its linears with
+   :func:`quantkit.core.quantize.quantize_targets`, run the inputs through the *quantized* layer to
+   make the next layer's inputs (so later layers are calibrated on what they will really see;
+   ``propagate="float"`` uses the float layer's outputs instead, which reproduces whole-model
+   quantization bit for bit), hand the layer to ``emit`` (which writes its tensors) and free it;
+4. the output projection and embeddings, then the record (:func:`quantkit.core.quantize.finish`).
+
+Schemes that need no statistics (W8A16, naive per-token W8A8) skip steps 2 and the forward passes
+of 3: each layer is read, quantized, emitted and freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import QuantConfig
+from ..errors import QuantkitError
+from .calibration import recording_amax
+from .modules import embeddings_of
+from .quantize import check_stats, finish, quantize_targets, select_targets
+from .smoothquant import fold_pre_scales
+
+log = logging.getLogger(__name__)
+
+# emit(prefix, module): write the tensors of ``module`` (a decoder layer, or at the end the whole
+# model, whose freed layers are on the meta device) under ``prefix``.
+Emit = Callable[[str, nn.Module], None]
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's stub: the rest of the model is not needed to capture inputs."""
+
+
+class _Capture(nn.Module):
+    """Stands in for decoder layer ``index`` while inputs are captured: records its call."""
+
+    def __init__(self, index: int, calls: list[list[tuple[tuple, dict]]], last: bool) -> None:
+        super().__init__()
+        self.index, self.calls, self.last = index, calls, last
+
+    def forward(self, *args: Any, **kwargs: Any):
+        self.calls[self.index].append((args, kwargs))
+        if self.last:
+            raise _StopForward
+        return args[0]  # layers after the first only need their own keyword arguments
+
+
+def decoder_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's decoder layers: the :class:`~torch.nn.ModuleList` holding the most parameters."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, module)
+    if best is None or best[0] == 0:
+        raise QuantkitError(f"{type(model).__name__} has no stack of decoder layers to quantize layer by layer")
+    return best[1], best[2]
+
+
+def _materialize(
+    module: nn.Module, prefix: str, read: Callable[[str], torch.Tensor], dtype: torch.dtype, skip: tuple[str, ...] = ()
+) -> None:
+    """Fill ``module``'s meta parameters and buffers from the source (floats cast to ``dtype``), except
+    those whose names start with one of ``skip``."""
+    state = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if t is None or not t.is_meta or name.startswith(skip):
+            continue
+        try:
+            src = read(f"{prefix}{name}")
+        except KeyError:
+            raise QuantkitError(
+                f"{prefix}{name} is missing from the checkpoint; it is incomplete or not this model's"
+            ) from None
+        if tuple(src.shape) != tuple(t.shape):
+            raise QuantkitError(
+                f"{prefix}{name} has shape {list(src.shape)} in the checkpoint but {list(t.shape)} in the model"
+            )
+        state[name] = src.to(dtype) if src.is_floating_point() else src
+    if state:
+        module.load_state_dict(state, strict=False, assign=True)
+
+
+def _output(out: Any) -> torch.Tensor:
+    """The hidden states a decoder layer returns (a tensor, or the first item of a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def _capture_inputs(model: nn.Module, stack: nn.ModuleList, samples: torch.Tensor) -> list[list[tuple[tuple, dict]]]:
+    """For every layer, the ``(args, kwargs)`` it is called with on each sample (see module docstring)."""
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in stack]
+    layers = list(stack)
+    for i in range(len(stack)):
+        stack[i] = _Capture(i, calls, last=i == len(stack) - 1)
+    try:
+        for row in samples:
+            try:
+                model(input_ids=row[None, :], use_cache=False)
+            except _StopForward:
+                pass
+            else:
+                raise QuantkitError(f"{type(model).__name__} did not call its last decoder layer; cannot quantize it")
+    finally:
+        for i, layer in enumerate(layers):
+            stack[i] = layer
+    if any(len(c) != len(samples) for c in calls):
+        raise QuantkitError(f"{type(model).__name__} does not call each decoder layer once per forward")
+    return calls
+
+
+@torch.no_grad()
+def quantize_layerwise(
+    model: nn.Module,
+    read: Callable[[str], torch.Tensor],
+    config: QuantConfig,
+    *,
+    samples: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    emit: Emit,
+    propagate: str = "quantized",
+    fold_producers: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize the float checkpoint behind ``read`` into ``model``'s skeleton, one decoder layer at a time.
+
+    Args:
+        model: the model built on the meta device (e.g. ``from_config`` under accelerate's
+            ``init_empty_weights(include_buffers=False)``: non-persistent buffers such as rotary
+            tables are real, everything else is meta).
+        read: returns the source tensor of a state-dict name (fresh memory; any float dtype).
+        config: what to do, as for :func:`quantkit.quantize`.
+        samples: ``[n, seq_len]`` calibration token ids; needed when ``config.needs_calibration``.
+        dtype: the serving dtype of the float parts (as ``model.to(dtype)`` before ``quantize``).
+        emit: receives each finished decoder layer with its prefix (``"model.layers.3."``), then the
+            whole model with prefix ``""`` (its freed layers on the meta device: skip meta tensors).
+        propagate: ``"quantized"`` (default) or ``"float"``: which outputs feed the next layer.
+        fold_producers: move run-time pre-scales into producing layers
+            (:func:`quantkit.core.smoothquant.fold_pre_scales`, for the compressed-tensors export).
+
+    Returns:
+        ``model``: its embeddings and other non-layer modules real, its layers freed (meta), and
+        ``model.config.quantization_config`` the record, as :func:`quantkit.quantize` leaves it.
+    """
+    if propagate not in ("quantized", "float"):
+        raise ValueError(f"propagate must be 'quantized' or 'float', not {propagate!r}")
+    if getattr(model.config, "quantization_config", None) is not None:
+        raise QuantkitError("this model is already quantized; start from the float model")
+    model.eval()  # no dropout while calibrating
+    targets = select_targets(model, config)
+    stack_name, stack = decoder_stack(model)
+    calibrate = config.needs_calibration
+    if calibrate and samples is None:
+        raise QuantkitError(f"{config.label} needs calibration samples")
+    t0 = time.perf_counter()
+
+    # 1. Everything outside the stack except the output projection (read last), in fp32.
+    head = embeddings_of(model)[1]
+    head_prefix = _module_prefix(model, head) if head is not None else None
+    _materialize(model, "", read, torch.float32, skip=(f"{stack_name}.", *((head_prefix,) if head_prefix else ())))
+    _retie(model)
+
+    # 2. Each layer's inputs on the calibration samples.
+    calls = _capture_inputs(model, stack, samples) if calibrate else None
+    hidden = [args[0] for args, _ in calls[0]] if calls else None
+
+    # 3. Layer by layer.
+    bar = tqdm(range(len(stack)), desc=f"Quantizing {config.label}", unit="layer", disable=not progress)
+    for i in bar:
+        layer, prefix = stack[i], f"{stack_name}.{i}."
+        layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
+        _materialize(layer, prefix, read, torch.float32)
+        stats = None
+        if calibrate:
+            with recording_amax(layer_targets) as stats:
+                outputs = [_output(layer(h, *a[1:], **kw)) for h, (a, kw) in zip(hidden, calls[i], strict=True)]
+        layer.to(dtype)
+        check_stats(layer_targets, stats, config)
+        if fold_producers and stats is not None:
+            stats, _ = fold_pre_scales(model, layer_targets, stats, config)
+        quantize_targets(model, layer_targets, stats, config)
+        emit(prefix, layer)  # may adjust the layer for its format (e.g. round scales): before propagating
+        if calibrate:
+            if propagate == "quantized":
+                outputs = [_output(layer(h, *a[1:], **kw)) for h, (a, kw) in zip(hidden, calls[i], strict=True)]
+            hidden = outputs
+        layer.to("meta")  # free it
+        bar.set_postfix_str(f"{(time.perf_counter() - t0) / (i + 1):.1f} s/layer")
+
+    # 4. The output projection, the float parts in the serving dtype, the embeddings, the record.
+    if head is not None:
+        _materialize(head, head_prefix, read, torch.float32)
+        _retie(model)
+    model.to(dtype)  # the real float parts; quantized modules keep int8 tensors and fp32 scales
+    finish(model, config, tuple(targets))
+    emit("", model)
+    log.info("quantized %d layers in %.1f s", len(stack), time.perf_counter() - t0)
+    return model
+
+
+def _module_prefix(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return f"{name}." if name else ""
+    raise QuantkitError("output projection not found in the model")
+
+
+def _retie(model: nn.Module) -> None:
+    """Tie the output projection to the input embedding again where the config ties them."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
