@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ..config import QuantConfig
 from ..errors import QuantkitError
-from .calibration import recording_amax
+from .calibration import ActStats, recording_amax
 from .modules import embeddings_of
 from .quantize import check_stats, finish, quantize_targets, select_targets
 from .smoothquant import fold_pre_scales
@@ -139,6 +139,7 @@ def quantize_layerwise(
     config: QuantConfig,
     *,
     samples: torch.Tensor | None = None,
+    stats: ActStats | None = None,
     dtype: torch.dtype = torch.bfloat16,
     emit: Emit,
     propagate: str = "quantized",
@@ -153,7 +154,10 @@ def quantize_layerwise(
             tables are real, everything else is meta).
         read: returns the source tensor of a state-dict name (fresh memory; any float dtype).
         config: what to do, as for :func:`quantkit.quantize`.
-        samples: ``[n, seq_len]`` calibration token ids; needed when ``config.needs_calibration``.
+        samples: ``[n, seq_len]`` calibration token ids; needed when ``config.needs_calibration``
+            and ``stats`` is None.
+        stats: statistics recorded beforehand (``quantkit calibrate``) instead of ``samples``: each
+            layer then uses them as they are (no forward passes, no propagation).
         dtype: the serving dtype of the float parts (as ``model.to(dtype)`` before ``quantize``).
         emit: receives each finished decoder layer with its prefix (``"model.layers.3."``), then the
             whole model with prefix ``""`` (its freed layers on the meta device: skip meta tensors).
@@ -172,36 +176,41 @@ def quantize_layerwise(
     model.eval()  # no dropout while calibrating
     targets = select_targets(model, config)
     stack_name, stack = decoder_stack(model)
-    calibrate = config.needs_calibration
+    calibrate = config.needs_calibration and stats is None
     if calibrate and samples is None:
-        raise QuantkitError(f"{config.label} needs calibration samples")
+        raise QuantkitError(f"{config.label} needs calibration samples or statistics")
+    if stats is not None:
+        check_stats(targets, stats, config)
+    # Calibration runs in fp32 (statistics not rounded to bf16); without it, read straight into dtype.
+    work_dtype = torch.float32 if calibrate else dtype
     t0 = time.perf_counter()
 
-    # 1. Everything outside the stack except the output projection (read last), in fp32.
+    # 1. Everything outside the stack except the output projection (read last).
     head = embeddings_of(model)[1]
     head_prefix = _module_prefix(model, head) if head is not None else None
-    _materialize(model, "", read, torch.float32, skip=(f"{stack_name}.", *((head_prefix,) if head_prefix else ())))
+    _materialize(model, "", read, work_dtype, skip=(f"{stack_name}.", *((head_prefix,) if head_prefix else ())))
     _retie(model)
 
-    # 2. Each layer's inputs on the calibration samples.
+    # 2. Each layer's inputs on the calibration samples; then the float parts in the serving dtype.
     calls = _capture_inputs(model, stack, samples) if calibrate else None
     hidden = [args[0] for args, _ in calls[0]] if calls else None
+    model.to(dtype)  # the layers are still on the meta device
 
     # 3. Layer by layer.
     bar = tqdm(range(len(stack)), desc=f"Quantizing {config.label}", unit="layer", disable=not progress)
     for i in bar:
         layer, prefix = stack[i], f"{stack_name}.{i}."
         layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
-        _materialize(layer, prefix, read, torch.float32)
-        stats = None
+        _materialize(layer, prefix, read, work_dtype)
+        layer_stats = None if stats is None else {n: stats[n] for n in layer_targets if n in stats}
         if calibrate:
-            with recording_amax(layer_targets) as stats:
+            with recording_amax(layer_targets) as layer_stats:
                 outputs = [_output(layer(h, *a[1:], **kw)) for h, (a, kw) in zip(hidden, calls[i], strict=True)]
         layer.to(dtype)
-        check_stats(layer_targets, stats, config)
-        if fold_producers and stats is not None:
-            stats, _ = fold_pre_scales(model, layer_targets, stats, config)
-        quantize_targets(model, layer_targets, stats, config)
+        check_stats(layer_targets, layer_stats, config)
+        if fold_producers and layer_stats is not None:
+            layer_stats, _ = fold_pre_scales(model, layer_targets, layer_stats, config)
+        quantize_targets(model, layer_targets, layer_stats, config)
         emit(prefix, layer)  # may adjust the layer for its format (e.g. round scales): before propagating
         if calibrate:
             if propagate == "quantized":
@@ -212,9 +221,8 @@ def quantize_layerwise(
 
     # 4. The output projection, the float parts in the serving dtype, the embeddings, the record.
     if head is not None:
-        _materialize(head, head_prefix, read, torch.float32)
+        _materialize(head, head_prefix, read, dtype)
         _retie(model)
-    model.to(dtype)  # the real float parts; quantized modules keep int8 tensors and fp32 scales
     finish(model, config, tuple(targets))
     emit("", model)
     log.info("quantized %d layers in %.1f s", len(stack), time.perf_counter() - t0)

@@ -65,6 +65,19 @@ def test_layerwise_with_float_propagation_equals_whole_model_bit_for_bit(tiny_ar
     assert order == [f"{stack_name}.{i}." for i in range(len(stack))] + [""]
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt"])
+def test_layerwise_with_saved_statistics_equals_whole_model(arch):
+    """Statistics recorded beforehand (quantkit calibrate --out, then --stats) are used as they are."""
+    torch.manual_seed(1)
+    config = QuantConfig(scheme="w8a8")
+    whole = make_tiny(arch)
+    stats = collect_stats(whole, torch.randint(0, 256, (3, 12)), quantkit.select_targets(whole, config), progress=False)
+    _, emitted, _ = _layerwise(make_tiny(arch), config, None, stats=stats)
+    quantkit.quantize(whole.to(torch.bfloat16), config, stats, progress=False)
+    for k, v in whole.state_dict().items():
+        assert torch.equal(emitted[k], v), k
+
+
 def test_quantized_propagation_calibrates_later_layers_on_quantized_inputs():
     """With the default propagation the second layer's statistics come from the quantized first
     layer: its smoothed weights differ from float propagation's, and the first layer's do not."""
