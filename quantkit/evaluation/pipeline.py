@@ -209,7 +209,7 @@ def evaluate_all(
 
 
 def _add_peak_memory(speed: dict[str, Any], path: Path, kind: str, dtype: str, ids: torch.Tensor, device: str) -> None:
-    """Add ``peak_memory_bytes`` (see :func:`quantkit.measure.peak_memory`) to a row's speed figures.
+    """Add ``peak_memory_bytes`` (see :func:`quantkit.evaluation.measure.peak_memory`) to a row's speed figures.
 
     CPU only: the figure is the process's resident memory, which does not see GPU memory.
     """

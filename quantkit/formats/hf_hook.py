@@ -11,22 +11,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
-import importlib.metadata
 import sys
 
+from .._version import transformers_supported
+
 REGISTRY_MODULE = "transformers.quantizers.auto"
-# transformers 5 has the quantizer registry and loader behaviour quantkit.formats.hf_quantizer relies on.
-MIN_TRANSFORMERS_MAJOR = 5
-
-
-def transformers_supported() -> bool:
-    """transformers >= 5 (explicit version logic; the registry API is checked with hasattr on use)."""
-    try:
-        version = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    major = version.split(".")[0]
-    return major.isdigit() and int(major) >= MIN_TRANSFORMERS_MAJOR
 
 
 def _register() -> None:

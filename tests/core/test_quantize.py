@@ -1,5 +1,6 @@
 """Quantizing tiny models of each architecture: accuracy vs float, checkpoint round trip."""
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import make_tiny
@@ -111,6 +112,9 @@ def test_config_validation_and_round_trip():
     assert QuantConfig.from_dict({**c.to_dict(), "alpha": 0.8}) != c
     with pytest.raises(QuantkitError, match="unknown"):
         QuantConfig.from_dict({**c.to_dict(), "modules": []})  # the record's field, not the request's
+    with pytest.raises(QuantkitError, match="read_record"):  # a checkpoint's block is a record
+        QuantConfig.from_dict(QuantRecord(c, modules=("x",)).to_dict())
+    assert QuantConfig(alpha=np.float32(0.25)).alpha == 0.25 and type(QuantConfig(alpha=1).alpha) is float
 
 
 def test_record_round_trip_sees_every_field():
