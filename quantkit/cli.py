@@ -17,6 +17,7 @@ from .config import (
     DEFAULT_ALPHA,
     DEFAULT_EVAL_WINDOW,
     DEFAULT_EVAL_WINDOWS,
+    DEFAULT_MAX_SHARD_SIZE,
     DEFAULT_MODEL,
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
@@ -97,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "quantize",
         help="quantize a model and write a checkpoint",
-        description="Quantize a float causal LM and write a quantized checkpoint (safetensors + config.json).",
+        description="Quantize a float causal LM and write a quantized checkpoint (safetensors + config.json). "
+        "The model is read, calibrated, quantized and written one decoder layer at a time, so memory follows "
+        "one layer, not the model; hub ids (org/name) are taken from the Hugging Face cache.",
     )
     p.add_argument("model", help=f"local Hugging Face model folder, or '{DEFAULT_MODEL}' (the default model)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
@@ -152,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantkit: quantkit's checkpoint (quantkit.load, or from_pretrained after 'import quantkit'); "
         "compressed-tensors: the layout vLLM serves (vllm serve DIR); SmoothQuant's run-time pre-scales are "
         "folded into the preceding layers where exact (default: quantkit)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        metavar="SIZE",
+        help="largest safetensors file of the checkpoint, e.g. 5GB, 500MB, 2GiB; bigger checkpoints are "
+        "split into model-0000N-of-0000M.safetensors with an index, as Hugging Face does (default: %(default)s)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     _add_calibration(p)
@@ -261,6 +271,7 @@ def _cmd_quantize(args, progress: bool) -> None:
         dtype=args.dtype,
         fmt=args.format,
         overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
         progress=progress,
     )
     if args.format == "compressed-tensors":

@@ -9,6 +9,7 @@ This module imports no torch, so the CLI can build its ``--help`` from it.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +38,7 @@ DEFAULT_SAMPLES = 16  # calibration windows
 DEFAULT_SEQ_LEN = 512  # tokens per calibration window
 DEFAULT_EVAL_WINDOW = 512  # tokens per perplexity window
 DEFAULT_EVAL_WINDOWS = 32  # perplexity windows
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # checkpoint shards, as Hugging Face writes them (GB = 10^9 bytes)
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,9 @@ class QuantConfig:
             raise QuantkitError(f"unknown smoothing {self.smoothing!r}; choose one of {', '.join(SMOOTHINGS)}")
         if self.embeddings not in EMBEDDINGS:
             raise QuantkitError(f"unknown embeddings {self.embeddings!r}; choose one of {', '.join(EMBEDDINGS)}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0.0 <= self.alpha <= 1.0:
             raise QuantkitError(f"alpha must be a number between 0 and 1, got {self.alpha!r}")
+        object.__setattr__(self, "alpha", float(self.alpha))
         if not isinstance(self.fallback_smoothing, bool):
             raise QuantkitError(f"fallback_smoothing must be true or false, got {self.fallback_smoothing!r}")
         # Accept lists (e.g. from JSON) but store tuples so the config stays hashable and frozen.
@@ -122,6 +125,11 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not be ignored)."""
+        if "quant_method" in d:
+            raise QuantkitError(
+                "this is a checkpoint's quantization_config block (the record of what was quantized): "
+                "read it with quantkit.QuantRecord.from_dict(...) or quantkit.read_record(DIR)"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

@@ -193,7 +193,7 @@ PEAK_MEMORY_METHOD = (
 )
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -201,7 +201,7 @@ def _status_bytes(field: str) -> int:
     raise QuantkitError(f"/proc/self/status has no {field}")
 
 
-def _release_free_heap() -> None:
+def release_free_heap() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so RSS counts live memory only."""
     gc.collect()
     libc_name = ctypes.util.find_library("c")
@@ -235,8 +235,8 @@ def _peak_memory_child(spec: dict[str, Any]) -> dict[str, int]:
     # small matmul. Done for every model alike.
     cpu_fused.module()
     torch.nn.functional.linear(torch.ones(64, 256, dtype=dtype), torch.ones(256, 256, dtype=dtype))
-    _release_free_heap()
-    baseline = _status_bytes("VmRSS")
+    release_free_heap()
+    baseline = status_bytes("VmRSS")
     if spec["kind"] == "float":
         model, tokenizer, _ = load_float(spec["path"], dtype=dtype, progress=False)
         del tokenizer  # not part of the model; freed before the peak is reset
@@ -246,11 +246,11 @@ def _peak_memory_child(spec: dict[str, Any]) -> dict[str, int]:
     n = spec["decode_tokens"]
 
     greedy_generate(model, ids, n)
-    _release_free_heap()
+    release_free_heap()
     # Writing "5" resets VmHWM to the current RSS (Linux >= 4.0, see proc(5)).
     Path("/proc/self/clear_refs").write_text("5")
     greedy_generate(model, ids, n)
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     return {"peak_rss_bytes": peak, "baseline_rss_bytes": baseline, "peak_memory_bytes": peak - baseline}
 
 

@@ -25,17 +25,21 @@ from torch import nn
 from ..config import (
     DEFAULT_EVAL_WINDOW,
     DEFAULT_EVAL_WINDOWS,
+    DEFAULT_MAX_SHARD_SIZE,
     DEFAULT_SAMPLES,
     DEFAULT_SEQ_LEN,
     FORMATS,
     QuantConfig,
 )
-from ..core.calibration import DEFAULT_CALIBRATION, ActStats, load_stats
-from ..core.quantize import calibrate, quantize
+from ..core.calibration import DEFAULT_CALIBRATION, ActStats, load_stats, make_samples, read_texts
+from ..core.quantize import calibrate
+from ..core.sequential import quantize_layerwise
 from ..errors import QuantkitError
-from ..formats.compressed_tensors import check_exportable, quantize_for_export, save_compressed_tensors
-from ..formats.float_models import load_float, native_dtype
-from ..formats.native import atomic_output_dir, check_output_dir, load, read_record, save
+from ..formats import compressed_tensors, native
+from ..formats.compressed_tensors import check_exportable
+from ..formats.float_models import load_float, load_skeleton, native_dtype, resolve
+from ..formats.native import atomic_output_dir, check_output_dir, load, read_record
+from ..formats.safetensors_io import CheckpointReader, ShardWriter, parse_size
 from . import measure
 
 log = logging.getLogger(__name__)
@@ -94,38 +98,75 @@ def quantize_to_disk(
     dtype: str = "auto",
     fmt: str = "quantkit",
     overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    propagate: str = "quantized",
     progress: bool = True,
 ) -> Path:
-    """Load a float model, calibrate it where ``config`` needs it, quantize it and write it to ``out``.
+    """Quantize a float model into a checkpoint at ``out``, one decoder layer at a time.
+
+    The model is never loaded whole: its skeleton is built on the meta device and each layer is
+    read from the checkpoint, calibrated, quantized, written and freed in turn
+    (:func:`quantkit.core.sequential.quantize_layerwise`), so memory follows one layer, not the model.
 
     Args:
         stats: activation statistics (or a file from ``quantkit calibrate``) to use instead of calibrating.
+        calibration: calibration text (``.txt``/``.jsonl``); the shipped default when None.
         dtype: dtype of the parts left float, a torch dtype name; ``"auto"``: the one the model folder declares.
-        fmt: one of :data:`FORMATS`.
+        fmt: one of :data:`quantkit.config.FORMATS`.
+        max_shard_size: largest file of the checkpoint (``"5GB"``, ``"500MB"``, bytes).
+        propagate: ``"quantized"``: each layer is calibrated on the outputs of the quantized layers
+            before it (what it will see when served); ``"float"``: on the float model's, as
+            :func:`quantkit.calibrate` on the whole model does.
 
-    An existing ``out`` (without ``overwrite``) and a model that ``fmt`` cannot hold fail before the
-    slow work. Returns ``out``.
+    An existing ``out`` (without ``overwrite``), a bad shard size, a model that is not a float causal
+    LM and one that ``fmt`` cannot hold fail before the slow work. Returns ``out``.
     """
     if fmt not in FORMATS:
         raise QuantkitError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    max_shard_bytes = parse_size(max_shard_size)
     check_output_dir(out, overwrite)
+    skeleton, tokenizer, path = load_skeleton(model, progress=progress)
     export = fmt == "compressed-tensors"
-    m, tokenizer, path, stats = load_calibrated(
-        model,
-        config,
-        stats=stats,
-        calibration=calibration,
-        n_samples=n_samples,
-        seq_len=seq_len,
-        check=(lambda loaded: check_exportable(loaded, config)) if export else None,  # before calibrating
-        progress=progress,
-    )
-    m.to(native_dtype(path) if dtype == "auto" else getattr(torch, dtype))
     if export:
-        quantize_for_export(m, config, stats, progress=progress)
-        return save_compressed_tensors(m, out, tokenizer, overwrite=overwrite)
-    quantize(m, config, stats, progress=progress)
-    return save(m, out, tokenizer, overwrite=overwrite)
+        check_exportable(skeleton, config)
+    if isinstance(stats, (str, Path)):
+        stats = load_stats(stats)
+    samples = None
+    if config.needs_calibration and stats is None:
+        samples = make_samples(tokenizer, read_texts(calibration or DEFAULT_CALIBRATION), n_samples, seq_len)
+        log.info("calibrating on %d samples x %d tokens", samples.shape[0], samples.shape[1])
+    serving = native_dtype(path) if dtype == "auto" else getattr(torch, dtype)
+    fmt_module = compressed_tensors if export else native
+    with (
+        atomic_output_dir(out, overwrite) as tmp,
+        CheckpointReader(path) as reader,
+        ShardWriter(tmp, max_shard_bytes) as writer,
+    ):
+        quantize_layerwise(
+            skeleton,
+            reader.get,
+            compressed_tensors.export_config(config) if export else config,
+            samples=samples,
+            stats=stats,
+            dtype=serving,
+            emit=fmt_module.tensor_emitter(writer),
+            propagate=propagate,
+            fold_producers=export
+            and config.scheme == "w8a8"
+            and config.smoothing == "smoothquant"
+            and config.fallback_smoothing,  # as quantize_for_export: the pre-scales it would keep
+            progress=progress,
+        )
+        writer.close()
+        fmt_module.write_metadata(skeleton, tmp, tokenizer)
+    log.info(
+        "wrote %s (%s%s); peak memory of the process %.0f MiB",
+        out,
+        config.label,
+        ", compressed-tensors" if export else "",
+        measure.status_bytes("VmHWM") / 2**20 if Path("/proc/self/status").exists() else float("nan"),
+    )
+    return Path(out)
 
 
 def evaluate_all(
@@ -234,21 +275,25 @@ def run_default_job(
     measure_speed: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Calibrate once, write every default variant, evaluate them all, write the report."""
+    """Write every default variant, evaluate them all against the float model, write the report."""
     from .layer_error import attach_layer_errors
     from .report_html import write_html
     from .report_md import write_markdown
 
     t0 = time.time()
     with atomic_output_dir(out, overwrite) as tmp:  # fails at once if out exists and may not be replaced
-        float_model, _, path, stats = load_calibrated(
-            model, calibration=calibration, n_samples=n_samples, seq_len=seq_len, progress=progress
-        )
-        del float_model
+        path = resolve(model, progress=progress)
         checkpoints = {}
-        for name, config in DEFAULT_VARIANTS.items():  # one model in memory at a time
+        for name, config in DEFAULT_VARIANTS.items():  # each calibrates itself if it needs to, layer by layer
             checkpoints[name] = quantize_to_disk(
-                path, tmp / name, config, stats=stats, dtype="bfloat16", progress=progress
+                path,
+                tmp / name,
+                config,
+                calibration=calibration,
+                n_samples=n_samples,
+                seq_len=seq_len,
+                dtype="bfloat16",
+                progress=progress,
             )
             gc.collect()
         results = evaluate_all(path, checkpoints, n_windows=n_windows, measure_speed=measure_speed, progress=progress)

@@ -38,17 +38,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import DEFAULT_MAX_SHARD_SIZE, QuantConfig
 from ..core import smoothquant
 from ..core.calibration import ActStats
 from ..core.modules import FLOAT_LINEARS, W8A8Linear, W8A16Linear
 from ..core.quantize import quantize, select_targets
 from ..core.record import record_of
+from ..core.sequential import Emit
 from ..errors import QuantkitError
-from .native import WEIGHTS_NAME, atomic_output_dir, float_dtype, unique_state_dict
+from .native import atomic_output_dir, float_dtype, unique_state_dict
+from .safetensors_io import ShardWriter, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,10 @@ def round_scales(model: nn.Module, dtype: torch.dtype | None = None) -> None:
 
 
 def _quant_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (W8A8Linear, W8A16Linear))]
+    """The quantized linear layers that hold their tensors (not those freed to the meta device)."""
+    return [
+        (n, m) for n, m in model.named_modules() if isinstance(m, (W8A8Linear, W8A16Linear)) and not m.weight.is_meta
+    ]
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
@@ -221,14 +225,34 @@ def compressed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+def save_compressed_tensors(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write a model from :func:`quantize_for_export` as a compressed-tensors checkpoint vLLM can serve.
+
+    Sharded as :func:`quantkit.save` shards (Hugging Face's layout, which vLLM reads).
 
     Example:
         >>> save_compressed_tensors(model, "smollm2-w8a8-ct", tokenizer)   # then: vllm serve smollm2-w8a8-ct
     """
+    check_writable(model)
+    max_shard_bytes = parse_size(max_shard_size)
+    with atomic_output_dir(out, overwrite) as tmp, ShardWriter(tmp, max_shard_bytes) as writer:
+        writer.add(compressed_state_dict(model))
+        writer.close()
+        write_metadata(model, tmp, tokenizer)
+    log.info("wrote %s (compressed-tensors %s)", out, CT_FORMAT[record_of(model).config.scheme])
+    return Path(out)
+
+
+def check_writable(model: nn.Module) -> None:
+    """Raise :class:`QuantkitError` unless the quantized ``model`` fits the compressed-tensors layout."""
     record = record_of(model)
-    qconfig = record.config
     if record.input_embedding or record.output_embedding:
         raise QuantkitError(
             "this model stores its embeddings/lm_head in int8, which compressed-tensors checkpoints do not hold; "
@@ -236,10 +260,28 @@ def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None, *
         )
     if getattr(model.config, "model_type", "") in _TRANSPOSED_MODEL_TYPES:
         raise QuantkitError(f"{model.config.model_type} uses Conv1D layers; compressed-tensors export needs nn.Linear")
-    state = compressed_state_dict(model)
-    quantized = {n for n, _ in _quant_modules(model)}
+
+
+def tensor_emitter(writer: ShardWriter) -> Emit:
+    """An ``emit`` for :func:`quantkit.core.sequential.quantize_layerwise` (run with :func:`export_config`):
+    rounds each finished module's scales to its float dtype (:func:`round_scales`, so that the layers
+    after it are calibrated on what is served) and writes its tensors in compressed-tensors layout."""
+
+    def emit(prefix: str, module: nn.Module) -> None:
+        round_scales(module)
+        writer.add({prefix + k: v for k, v in compressed_state_dict(module).items()})
+
+    return emit
+
+
+def write_metadata(model: nn.Module, folder: Path, tokenizer=None) -> None:
+    """Everything of the export but its tensors: ``config.json`` with compressed-tensors'
+    ``quantization_config``, quantkit's provenance file, the generation config, the tokenizer."""
+    check_writable(model)
+    record = record_of(model)
+    qconfig = record.config
     # Every remaining nn.Linear is named: compressed-tensors targets the class "Linear".
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized]
+    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     config = model.config.to_dict()
     config["dtype"] = str(float_dtype(model)).removeprefix("torch.")  # model.to() leaves config.dtype stale
     config["quantization_config"] = ct_quantization_config(qconfig, ignore)
@@ -253,16 +295,12 @@ def save_compressed_tensors(model: nn.Module, out: str | Path, tokenizer=None, *
             else "none"
         ),
     }
-    with atomic_output_dir(out, overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    log.info("wrote %s (compressed-tensors %s)", out, CT_FORMAT[qconfig.scheme])
-    return Path(out)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=2) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 _TRANSPOSED_MODEL_TYPES = ("gpt2",)

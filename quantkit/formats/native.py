@@ -11,6 +11,11 @@ Layout of a checkpoint folder::
                             likewise unless tied to it (then stored once, under the embedding)
     generation_config.json, tokenizer files
 
+A checkpoint bigger than one shard (``max_shard_size``, 5 GB by default) holds the same tensors in
+``model-00001-of-0000N.safetensors`` ... plus ``model.safetensors.index.json``, as Hugging Face
+shards. :func:`load` reads one tensor at a time (no file is memory-mapped), so loading needs about
+the checkpoint's bytes of memory.
+
 Nothing is ever unpickled. Writes go to a temporary sibling folder that is renamed into place only
 when complete, so an interrupted run never leaves a half-written output directory.
 """
@@ -26,11 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import DEFAULT_MAX_SHARD_SIZE, QuantConfig
 from ..core.modules import (
     SCALE_BUFFERS,
     Int8Embedding,
@@ -41,11 +44,14 @@ from ..core.modules import (
     weight_out_in,
 )
 from ..core.record import QuantRecord, record_of
+from ..core.sequential import Emit
 from ..errors import QuantkitError
+from .safetensors_io import INDEX_NAME, SINGLE_NAME, CheckpointReader, ShardWriter, parse_size
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = SINGLE_NAME  # model.safetensors: the whole checkpoint when it fits in one shard
+WEIGHTS_INDEX_NAME = INDEX_NAME  # model.safetensors.index.json: tensor -> shard, when sharded
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
@@ -82,25 +88,53 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save(model: nn.Module, out: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+def save(
+    model: nn.Module,
+    out: str | Path,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write a quantized model (from :func:`quantkit.quantize`) to ``out``.
+
+    Tensors go into shards of at most ``max_shard_size`` (bytes, or ``"5GB"``, ``"500MB"``, ``"2GiB"``);
+    a model that fits in one is a single ``model.safetensors``, as Hugging Face writes it.
 
     Example:
         >>> quantkit.save(model, "smollm2-w8a8", tokenizer)
     """
     record_of(model)  # validate before writing anything
+    max_shard_bytes = parse_size(max_shard_size)
+    with atomic_output_dir(out, overwrite) as tmp, ShardWriter(tmp, max_shard_bytes) as writer:
+        writer.add(unique_state_dict(model))
+        writer.close()
+        write_metadata(model, tmp, tokenizer)
+    log.info("wrote %s", out)
+    return Path(out)
+
+
+def tensor_emitter(writer: ShardWriter) -> Emit:
+    """An ``emit`` for :func:`quantkit.core.sequential.quantize_layerwise`: writes each finished module's
+    tensors under its prefix (tensors on the meta device, i.e. layers already written, are skipped)."""
+
+    def emit(prefix: str, module: nn.Module) -> None:
+        writer.add({prefix + k: v for k, v in unique_state_dict(module).items()})
+
+    return emit
+
+
+def write_metadata(model: nn.Module, folder: Path, tokenizer=None) -> None:
+    """Everything of a quantkit checkpoint but its tensors: ``config.json`` (with the record),
+    the generation config, the tokenizer."""
     # config.dtype is what from_pretrained(dtype="auto") and servers load in; model.to() does not
     # update it, so record the dtype the float tensors really have.
     model.config.dtype = float_dtype(model)
-    with atomic_output_dir(out, overwrite) as tmp:
-        save_file(unique_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    log.info("wrote %s", out)
-    return Path(out)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
 
 
 def float_dtype(model: nn.Module) -> torch.dtype:
@@ -117,6 +151,8 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     seen: set[tuple[int, int]] = set()
     out = {}
     for name, t in model.state_dict().items():
+        if t.is_meta:  # not materialized (a layer already written by the layer-by-layer pipeline)
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         if key in seen:
             continue
@@ -165,9 +201,6 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
 
     path = Path(path)
     record = read_record(path)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise QuantkitError(f"{path} has no {WEIGHTS_NAME}; the checkpoint is incomplete")
     config = AutoConfig.from_pretrained(path)
     qc_dict = config.quantization_config
     del config.quantization_config  # build the float skeleton, then swap in quantized modules
@@ -176,35 +209,45 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
 
-    with safe_open(str(weights), framework="pt") as f:
-        keys = set(f.keys())
-    # Parameters on the meta device (no memory, no random init); buffers such as rotary tables
-    # are real, since checkpoints do not store non-persistent buffers.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    swap_in_empty_modules(model, record, keys, dtype)
-
-    # Copy each tensor out of the file buffer: safetensors hands back tensors at whatever offset
-    # they sit in the file (8 mod 64 here), and torch's AVX-512 int8 kernels crash on such
-    # misaligned weights. clone() gets 64-byte-aligned memory from torch's allocator.
-    # Float tensors follow ``dtype`` (as from_pretrained casts them), except the quantized layers'
-    # fp32 scales, which the skeleton declares fp32.
-    keep = {f"{n}.{b}" for n in record.quantized_modules for b in SCALE_BUFFERS}
-    with safe_open(str(weights), framework="pt") as f:
-        state = {}
-        for k in f.keys():
-            t = f.get_tensor(k)
-            recast = cast and t.is_floating_point() and k not in keep and t.dtype != dtype
-            state[k] = t.to(dtype) if recast else t.clone()  # either way a fresh, aligned copy
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise QuantkitError(f"{weights} has tensors the model does not: {result.unexpected_keys[:3]}")
+    with CheckpointReader(path) as reader:
+        # Parameters on the meta device (no memory, no random init); buffers such as rotary tables
+        # are real, since checkpoints do not store non-persistent buffers.
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        swap_in_empty_modules(model, record, set(reader.keys()), dtype)
+        # One tensor at a time, straight into the skeleton: the reader gives fresh 64-byte aligned
+        # memory (torch's AVX-512 int8 kernels crash on misaligned weights), so memory grows by each
+        # tensor's bytes and no more. Float tensors follow ``dtype`` (as from_pretrained casts them),
+        # except the quantized layers' fp32 scales, which the skeleton declares fp32.
+        keep = {f"{n}.{b}" for n in record.quantized_modules for b in SCALE_BUFFERS}
+        for name, t in reader.items():
+            if cast and t.is_floating_point() and name not in keep and t.dtype != dtype:
+                t = t.to(dtype)
+            _assign(model, name, t, reader.file_of(name))
     model.tie_weights()
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
-        raise QuantkitError(f"{weights} lacks tensors {still_meta[:3]}; the checkpoint is incomplete")
+        raise QuantkitError(f"{path} lacks tensors {still_meta[:3]}; the checkpoint is incomplete")
     model.config.quantization_config = qc_dict
     return model.to(device).eval()
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, file: Path) -> None:
+    """Put one checkpoint tensor into the model in place of its meta placeholder (as
+    ``load_state_dict(assign=True)`` does, on the owning module only)."""
+    owner, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        module = None
+    if module is None or (attr not in module._parameters and attr not in module._buffers):
+        raise QuantkitError(f"{file} has tensor {name}, which the model has not")
+    current = getattr(module, attr)
+    if current is not None and current.shape != tensor.shape:
+        raise QuantkitError(f"{file}: tensor {name} is {list(tensor.shape)}, the model's is {list(current.shape)}")
+    result = module.load_state_dict({attr: tensor}, strict=False, assign=True)
+    if result.unexpected_keys:  # a non-persistent buffer
+        raise QuantkitError(f"{file} has tensor {name}, which the model does not store")
 
 
 def swap_in_empty_modules(model: nn.Module, record: QuantRecord, keys: set[str], dtype: torch.dtype) -> None:

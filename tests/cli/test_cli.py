@@ -140,24 +140,24 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_model_dir, capsys):
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import quantkit.formats.native as ck
+    from quantkit.formats.safetensors_io import ShardWriter
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck, "save_file", interrupted)
+    monkeypatch.setattr(ShardWriter, "_write_shard", interrupted)
     assert _quantize(tiny_model_dir, tmp_path / "out", "--scheme", "w8a16") == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no output folder, no .partial folder
 
 
 def test_interrupted_overwrite_keeps_previous_output(tmp_path, tiny_model_dir, monkeypatch):
-    import quantkit.formats.native as ck
+    from quantkit.formats.safetensors_io import ShardWriter
 
     out = tmp_path / "out"
     assert _quantize(tiny_model_dir, out, "--scheme", "w8a16") == 0
     before = (out / "model.safetensors").read_bytes()
-    monkeypatch.setattr(ck, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(ShardWriter, "_write_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert _quantize(tiny_model_dir, out, "--scheme", "w8a16", "--overwrite") == 130
     assert (out / "model.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

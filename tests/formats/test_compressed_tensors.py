@@ -35,6 +35,7 @@ from quantkit.formats.compressed_tensors import (
     save_compressed_tensors,
     unpack_int8,
 )
+from quantkit.formats.safetensors_io import CheckpointReader
 from quantkit.kernels import force_backend
 from quantkit.qmath import dequantize, sqnr_db
 
@@ -75,7 +76,8 @@ def ct_decompress(path):
     qcfg = QuantizationConfig.model_validate(config.pop("quantization_config"))
     with init_empty_weights():
         skeleton = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
-    tensors = load_file(str(path / "model.safetensors"))
+    with CheckpointReader(path) as reader:  # one model.safetensors or shards and their index
+        tensors = dict(reader.items())
     out = {}
     for scheme in qcfg.config_groups.values():
         compressor = BaseCompressor.get_value_from_registry(scheme.format)
@@ -105,17 +107,20 @@ def assert_matches_quantkit(path, model) -> None:
             assert torch.equal(tensors[f"{name}.input_scale"].float(), m.input_scale.reshape(1)), name
 
 
-def _export(arch, name, tmp_path, dtype=torch.bfloat16):
+def _export(arch, name, tmp_path, dtype=torch.bfloat16, **kw):
     model = make_tiny(arch).to(dtype)
     quantize_for_export(model, CONFIGS[name], _stats(model), progress=False)
-    out = save_compressed_tensors(model, tmp_path / f"{arch}-{name}")
+    out = save_compressed_tensors(model, tmp_path / f"{arch}-{name}", **kw)
     return model, out
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_compressed_tensors_decompresses_to_quantkit_weights(tmp_path, name):
-    for arch in EXPORTABLE:
-        model, out = _export(arch, name, tmp_path)
+    for i, arch in enumerate(EXPORTABLE):
+        sharded = i % 2 == 0  # every other architecture in Hugging Face shards of at most 16 KB
+        model, out = _export(arch, name, tmp_path, **({"max_shard_size": "16KB"} if sharded else {}))
+        assert (out / "model.safetensors.index.json").is_file() == sharded
+        assert len(list(out.glob("model-*-of-*.safetensors"))) >= (3 if sharded else 0)
         assert_matches_quantkit(out, model)
         qcfg = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
         group = qcfg.config_groups["group_0"]
@@ -136,9 +141,10 @@ def test_fp32_model_exports_fp32_scales_exactly(tmp_path):
 
 
 def test_transformers_loads_export_with_the_same_weights(tmp_path):
-    """transformers' compressed-tensors loader (what from_pretrained uses) gives quantkit's weights."""
+    """transformers' compressed-tensors loader (what from_pretrained uses) gives quantkit's weights,
+    from one file or from shards."""
     for name in sorted(CONFIGS):
-        model, out = _export("qwen3", name, tmp_path)
+        model, out = _export("qwen3", name, tmp_path, **({"max_shard_size": "16KB"} if name == "w8a8" else {}))
         loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
         with torch.no_grad():  # compressed-tensors decompresses on the first forward pass
             loaded(input_ids=torch.randint(0, 256, (1, 4)))
