@@ -30,6 +30,10 @@ def quantize_to_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.round(x.float() / scale).clamp_(-QMAX, QMAX).to(torch.int8)
 
 
+# Elements per block of rows in quantize_weight_per_channel (16 MiB of fp32 temporaries).
+_BLOCK_ELEMENTS = 2**22
+
+
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric round-to-nearest.
 
@@ -39,9 +43,17 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
     Returns:
         ``(q, scale)``: int8 ``[out, in]`` and fp32 ``[out]`` with ``weight ~= q * scale[:, None]``.
     """
-    scale = abs_max_scale(weight.detach().abs().amax(dim=1))
-    # contiguous: the weight may be a transposed view (GPT-2 Conv1D) and kernels need row-major.
-    return quantize_to_int8(weight.detach(), scale[:, None]).contiguous(), scale
+    w = weight.detach()
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)  # row-major, whatever w's layout (Conv1D)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    # A block of rows at a time: the fp32 temporaries stay small (an embedding table of 128k rows
+    # would otherwise need two fp32 copies of itself); every row is computed exactly as in one piece.
+    step = max(1, _BLOCK_ELEMENTS // max(w.shape[1], 1))
+    for start in range(0, w.shape[0], step):
+        rows = w[start : start + step]
+        scale[start : start + step] = abs_max_scale(rows.abs().amax(dim=1))
+        q[start : start + step] = quantize_to_int8(rows, scale[start : start + step, None])
+    return q, scale
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

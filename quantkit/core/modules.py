@@ -94,7 +94,8 @@ class _QuantLinearBase(_Int8Module):
     def _from_weight(cls, module: nn.Module, weight: torch.Tensor, **kwargs) -> _QuantLinearBase:
         out_features, in_features = weight.shape
         bias = getattr(module, "bias", None)
-        q = cls(in_features, out_features, bias is not None, weight.dtype, device=weight.device, **kwargs)
+        # Buffers declared on the meta device and then assigned: no second, empty copy of the weight.
+        q = cls(in_features, out_features, bias is not None, weight.dtype, device="meta", **kwargs)
         q.weight, q.weight_scale = quantize_weight_per_channel(weight)
         if bias is not None:
             q.bias = bias.detach().clone()
@@ -246,8 +247,9 @@ class Int8Embedding(_Int8Module):
 
     @classmethod
     def from_float(cls, module: nn.Embedding) -> Int8Embedding:
-        q = cls.like(module)
+        q = cls.like(module, device="meta")  # then assigned: no second, empty copy of the table
         q.weight, q.weight_scale = quantize_weight_per_channel(module.weight)
+        q.reset_embed_scale(module.weight.device)
         return q
 
     def reset_embed_scale(self, device=None) -> None:

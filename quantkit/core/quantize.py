@@ -12,6 +12,7 @@ apart from the module surgery:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -167,54 +168,86 @@ def quantize_targets(
 
 
 @torch.no_grad()
-def finish(model: nn.Module, config: QuantConfig, modules: tuple[str, ...]) -> nn.Module:
+def finish(
+    model: nn.Module,
+    config: QuantConfig,
+    modules: tuple[str, ...],
+    read_output: Callable[[], None] | None = None,
+) -> nn.Module:
     """After the linear layers: the embeddings (``config.embeddings``), the untie, and the record
-    of what was done in ``model.config.quantization_config``."""
-    embedding_modules = _quantize_embeddings(model) if config.embeddings == "int8" else {}
+    of what was done in ``model.config.quantization_config``.
+
+    ``read_output``, if given, fills the output projection (still on the meta device) once the input
+    embedding is converted, so that the two float tables are never in memory together.
+    """
+    read_output = read_output or (lambda: None)
+    if config.embeddings == "int8":
+        embedding_modules = _quantize_embeddings(model, read_output)
+    else:
+        read_output()
+        embedding_modules = {}
     _untie_if_quantized(model)
     record = QuantRecord(config, modules=modules, **embedding_modules)
     model.config.quantization_config = record.to_dict()
     return model
 
 
-def _quantize_embeddings(model: nn.Module) -> dict:
-    """Store the input and output embeddings int8 (see ``QuantConfig.embeddings``).
+def plan_embeddings(model: nn.Module) -> tuple[bool, bool, bool]:
+    """``(input, output, tied)``: whether the input embedding and the output projection are to be
+    stored int8 (see ``QuantConfig.embeddings``), and whether they share one table.
 
-    A tied pair becomes one int8 table: an :class:`Int8Embedding` and an :class:`Int8TiedHead`
-    reading it (weight-only); a tied pair is converted whole or not at all, since one side alone
-    would keep the float table and add an int8 copy. An output projection the scheme already
-    quantized (``lm_head`` not excluded) is left as it is. Returns the :class:`QuantRecord` fields
-    that record what was done.
+    A tied pair is converted whole or not at all, since one side alone would keep the float table and
+    add an int8 copy; an output projection the scheme already quantized (``lm_head`` not excluded) is
+    left as it is; and transformers reads a model's dtype and device from its parameters, so one
+    float parameter must remain (OLMo's norms have no weights: its embeddings stay float).
     """
     inp, out = embeddings_of(model)
-    in_ok = inp is not None and is_float_embedding(inp)
+    in_ok = inp is not None and (isinstance(inp, Int8Embedding) or is_float_embedding(inp))
     out_ok = out is not None and is_float_linear(out) and not FLOAT_LINEARS[type(out).__name__].transposed
     tied = inp is not None and out is not None and _is_tied(model, out, inp)
     if tied and not (in_ok and out_ok):
         in_ok = out_ok = False
-    # transformers reads a model's dtype and device from its parameters: keep one (e.g. OLMo, whose
-    # norms have no weights, would have none left).
     converted = {id(m.weight) for m, ok in ((inp, in_ok), (out, out_ok)) if ok}
     if converted and not any(p.is_floating_point() and id(p) not in converted for p in model.parameters()):
         log.info("embeddings kept in float: they hold the model's only float parameters")
         in_ok = out_ok = False
+    return in_ok, out_ok, tied
+
+
+def quantize_input_embedding(model: nn.Module) -> str:
+    """Replace the float input embedding by an :class:`Int8Embedding` (if not done yet); its name."""
+    inp = embeddings_of(model)[0]
+    name = next(n for n, m in model.named_modules() if m is inp)
+    if not isinstance(inp, Int8Embedding):
+        replace_module(model, name, Int8Embedding.from_float(inp))
+    return name
+
+
+def _quantize_embeddings(model: nn.Module, read_output: Callable[[], None]) -> dict:
+    """Store the input and output embeddings int8 as :func:`plan_embeddings` decides: a tied pair as
+    one int8 table, read by an :class:`Int8Embedding` and an :class:`Int8TiedHead` (weight-only).
+    ``read_output`` fills the output projection after the input side is converted. Returns the
+    :class:`QuantRecord` fields that record what was done.
+    """
+    in_ok, out_ok, tied = plan_embeddings(model)
+    inp, out = embeddings_of(model)
     if inp is not None and not in_ok:
         log.info("input embedding %s kept in float", type(inp).__name__)
-
-    names = {id(m): n for n, m in model.named_modules()}
+    inp = None  # the float table must be free to go once swapped out
     done = {"input_embedding": "", "output_embedding": "", "tied_embeddings": False}
     if in_ok:
-        q_in = Int8Embedding.from_float(inp)
-        replace_module(model, names[id(inp)], q_in)
-        done["input_embedding"] = names[id(inp)]
+        done["input_embedding"] = quantize_input_embedding(model)
+    read_output()
     if out_ok:
+        name = next(n for n, m in model.named_modules() if m is out)
         if tied:
+            q_in = embeddings_of(model)[0]
             q_out = Int8TiedHead(q_in, None if out.bias is None else out.bias.detach().clone())
             done["tied_embeddings"] = True
         else:
             q_out = W8A16Linear.from_float(out)
-        replace_module(model, names[id(out)], q_out)
-        done["output_embedding"] = names[id(out)]
+        replace_module(model, name, q_out)
+        done["output_embedding"] = name
     log.info(
         "embeddings: input %s, output %s%s",
         done["input_embedding"] or "float",

@@ -39,7 +39,14 @@ from ..config import QuantConfig
 from ..errors import QuantkitError
 from .calibration import ActStats, recording_amax
 from .modules import embeddings_of
-from .quantize import check_stats, finish, quantize_targets, select_targets
+from .quantize import (
+    check_stats,
+    finish,
+    plan_embeddings,
+    quantize_input_embedding,
+    quantize_targets,
+    select_targets,
+)
 from .smoothquant import fold_pre_scales
 
 log = logging.getLogger(__name__)
@@ -81,10 +88,14 @@ def decoder_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _materialize(
-    module: nn.Module, prefix: str, read: Callable[[str], torch.Tensor], dtype: torch.dtype, skip: tuple[str, ...] = ()
+    module: nn.Module,
+    prefix: str,
+    read: Callable[[str], torch.Tensor],
+    dtype: torch.dtype | None,
+    skip: tuple[str, ...] = (),
 ) -> None:
-    """Fill ``module``'s meta parameters and buffers from the source (floats cast to ``dtype``), except
-    those whose names start with one of ``skip``."""
+    """Fill ``module``'s meta parameters and buffers from the source (floats cast to ``dtype``; None
+    keeps the checkpoint's), except those whose names start with one of ``skip``."""
     state = {}
     for name, t in module.state_dict(keep_vars=True).items():
         if t is None or not t.is_meta or name.startswith(skip):
@@ -99,7 +110,7 @@ def _materialize(
             raise QuantkitError(
                 f"{prefix}{name} has shape {list(src.shape)} in the checkpoint but {list(t.shape)} in the model"
             )
-        state[name] = src.to(dtype) if src.is_floating_point() else src
+        state[name] = src.to(dtype) if src.is_floating_point() and dtype is not None else src
     if state:
         module.load_state_dict(state, strict=False, assign=True)
 
@@ -175,6 +186,7 @@ def quantize_layerwise(
         raise QuantkitError("this model is already quantized; start from the float model")
     model.eval()  # no dropout while calibrating
     targets = select_targets(model, config)
+    names = tuple(targets)
     stack_name, stack = decoder_stack(model)
     calibrate = config.needs_calibration and stats is None
     if calibrate and samples is None:
@@ -185,22 +197,41 @@ def quantize_layerwise(
     work_dtype = torch.float32 if calibrate else dtype
     t0 = time.perf_counter()
 
-    # 1. Everything outside the stack except the output projection (read last).
-    head = embeddings_of(model)[1]
+    # 1. Everything outside the stack except the output projection (read last). A plain embedding
+    # table is kept in the checkpoint's dtype and its rows cast to fp32 as they are looked up: the
+    # same fp32 values as an fp32 table (a lookup copies values), at half the memory for bf16.
+    inp, head = embeddings_of(model)
     head_prefix = _module_prefix(model, head) if head is not None else None
-    _materialize(model, "", read, work_dtype, skip=(f"{stack_name}.", *((head_prefix,) if head_prefix else ())))
+    skip = (f"{stack_name}.", *((head_prefix,) if head_prefix else ()))
+    lookup = _module_prefix(model, inp) if inp is not None and type(inp) is nn.Embedding and calibrate else None
+    if lookup is not None:
+        _materialize(inp, lookup, read, None)
+    _materialize(model, "", read, work_dtype, skip=skip)
     _retie(model)
 
     # 2. Each layer's inputs on the calibration samples; then the float parts in the serving dtype.
-    calls = _capture_inputs(model, stack, samples) if calibrate else None
+    calls = None
+    if calibrate:
+        hook = inp.register_forward_hook(lambda _m, _a, out: out.float()) if lookup is not None else None
+        try:
+            calls = _capture_inputs(model, stack, samples)
+        finally:
+            if hook is not None:
+                hook.remove()
     hidden = [args[0] for args, _ in calls[0]] if calls else None
+    outputs = None
     model.to(dtype)  # the layers are still on the meta device
+    if config.embeddings == "int8" and head is not None and head.weight.is_meta:  # untied: convert it now
+        if plan_embeddings(model)[0]:  # (a tied table waits for its head)
+            quantize_input_embedding(model)
+    inp = None
 
     # 3. Layer by layer.
     bar = tqdm(range(len(stack)), desc=f"Quantizing {config.label}", unit="layer", disable=not progress)
     for i in bar:
         layer, prefix = stack[i], f"{stack_name}.{i}."
-        layer_targets = {n: m for n, m in targets.items() if n.startswith(prefix)}
+        # Popped: once swapped out, the float modules must not stay alive through this dict.
+        layer_targets = {n: targets.pop(n) for n in [n for n in targets if n.startswith(prefix)]}
         _materialize(layer, prefix, read, work_dtype)
         layer_stats = None if stats is None else {n: stats[n] for n in layer_targets if n in stats}
         if calibrate:
@@ -211,6 +242,7 @@ def quantize_layerwise(
         if fold_producers and layer_stats is not None:
             layer_stats, _ = fold_pre_scales(model, layer_targets, layer_stats, config)
         quantize_targets(model, layer_targets, layer_stats, config)
+        layer_targets.clear()  # the float modules it swapped out
         emit(prefix, layer)  # may adjust the layer for its format (e.g. round scales): before propagating
         if calibrate:
             if propagate == "quantized":
@@ -220,10 +252,14 @@ def quantize_layerwise(
         bar.set_postfix_str(f"{(time.perf_counter() - t0) / (i + 1):.1f} s/layer")
 
     # 4. The output projection, the float parts in the serving dtype, the embeddings, the record.
-    if head is not None:
-        _materialize(head, head_prefix, read, dtype)
-        _retie(model)
-    finish(model, config, tuple(targets))
+    calls = hidden = outputs = None  # the calibration activations are done with
+
+    def read_output() -> None:  # after the input embedding is converted: one float table at a time
+        if head_prefix is not None:  # a tied head is real already (it is the input embedding)
+            _materialize(model.get_submodule(head_prefix[:-1]), head_prefix, read, dtype)
+
+    head = None  # the float table must go as soon as finish() has swapped it out
+    finish(model, config, names, read_output)
     emit("", model)
     log.info("quantized %d layers in %.1f s", len(stack), time.perf_counter() - t0)
     return model

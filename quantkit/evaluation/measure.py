@@ -201,6 +201,26 @@ def status_bytes(field: str) -> int:
     raise QuantkitError(f"/proc/self/status has no {field}")
 
 
+# glibc's mallopt parameter M_MMAP_THRESHOLD (malloc.h).
+_M_MMAP_THRESHOLD = -3
+
+
+def return_large_blocks(threshold: int = 4 * 2**20) -> None:
+    """Make glibc serve every allocation of ``threshold`` bytes or more with its own mapping, which
+    goes back to the OS when freed.
+
+    By default glibc raises that threshold (up to 32 MiB) each time a large block is freed and then
+    keeps such blocks on its heap: a loop that allocates and frees a layer's tensors then grows the
+    resident memory by about a layer's worth at a time. The layer-by-layer conversion sets a fixed
+    threshold once, for the rest of the process. A no-op where the C library is not glibc.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if libc_name:
+        libc = ctypes.CDLL(libc_name)
+        if hasattr(libc, "mallopt"):
+            libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
 def release_free_heap() -> None:
     """Collect garbage and hand freed heap pages back to the OS, so RSS counts live memory only."""
     gc.collect()

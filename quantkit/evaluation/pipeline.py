@@ -33,7 +33,7 @@ from ..config import (
 )
 from ..core.calibration import DEFAULT_CALIBRATION, ActStats, load_stats, make_samples, read_texts
 from ..core.quantize import calibrate
-from ..core.sequential import quantize_layerwise
+from ..core.sequential import Emit, quantize_layerwise
 from ..errors import QuantkitError
 from ..formats import compressed_tensors, native
 from ..formats.compressed_tensors import check_exportable
@@ -134,9 +134,11 @@ def quantize_to_disk(
     samples = None
     if config.needs_calibration and stats is None:
         samples = make_samples(tokenizer, read_texts(calibration or DEFAULT_CALIBRATION), n_samples, seq_len)
+        measure.release_free_heap()  # what tokenizing the whole text allocated
         log.info("calibrating on %d samples x %d tokens", samples.shape[0], samples.shape[1])
     serving = native_dtype(path) if dtype == "auto" else getattr(torch, dtype)
     fmt_module = compressed_tensors if export else native
+    measure.return_large_blocks()  # freed layers go back to the OS (see there)
     with (
         atomic_output_dir(out, overwrite) as tmp,
         CheckpointReader(path) as reader,
@@ -149,7 +151,7 @@ def quantize_to_disk(
             samples=samples,
             stats=stats,
             dtype=serving,
-            emit=fmt_module.tensor_emitter(writer),
+            emit=_trimming(fmt_module.tensor_emitter(writer)),
             propagate=propagate,
             fold_producers=export
             and config.scheme == "w8a8"
@@ -167,6 +169,17 @@ def quantize_to_disk(
         measure.status_bytes("VmHWM") / 2**20 if Path("/proc/self/status").exists() else float("nan"),
     )
     return Path(out)
+
+
+def _trimming(emit: Emit) -> Emit:
+    """``emit``, then hand the heap memory freed by the previous layer back to the OS: without it
+    glibc keeps freed blocks of a layer's size for reuse, and resident memory creeps up layer by layer."""
+
+    def wrapped(prefix: str, module: nn.Module) -> None:
+        emit(prefix, module)
+        measure.release_free_heap()
+
+    return wrapped
 
 
 def evaluate_all(
