@@ -219,7 +219,6 @@ def quantize_layerwise(
             if hook is not None:
                 hook.remove()
     hidden = [args[0] for args, _ in calls[0]] if calls else None
-    outputs = None
     model.to(dtype)  # the layers are still on the meta device
     if config.embeddings == "int8" and head is not None and head.weight.is_meta:  # untied: convert it now
         if plan_embeddings(model)[0]:  # (a tied table waits for its head)
@@ -236,7 +235,7 @@ def quantize_layerwise(
         layer_stats = None if stats is None else {n: stats[n] for n in layer_targets if n in stats}
         if calibrate:
             with recording_amax(layer_targets) as layer_stats:
-                outputs = [_output(layer(h, *a[1:], **kw)) for h, (a, kw) in zip(hidden, calls[i], strict=True)]
+                _forward(layer, hidden, calls[i], update=propagate == "float")
         layer.to(dtype)
         check_stats(layer_targets, layer_stats, config)
         if fold_producers and layer_stats is not None:
@@ -246,13 +245,13 @@ def quantize_layerwise(
         emit(prefix, layer)  # may adjust the layer for its format (e.g. round scales): before propagating
         if calibrate:
             if propagate == "quantized":
-                outputs = [_output(layer(h, *a[1:], **kw)) for h, (a, kw) in zip(hidden, calls[i], strict=True)]
-            hidden = outputs
+                _forward(layer, hidden, calls[i], update=True)
+            calls[i] = None
         layer.to("meta")  # free it
         bar.set_postfix_str(f"{(time.perf_counter() - t0) / (i + 1):.1f} s/layer")
 
     # 4. The output projection, the float parts in the serving dtype, the embeddings, the record.
-    calls = hidden = outputs = None  # the calibration activations are done with
+    calls = hidden = None  # the calibration activations are done with
 
     def read_output() -> None:  # after the input embedding is converted: one float table at a time
         if head_prefix is not None:  # a tied head is real already (it is the input embedding)
@@ -263,6 +262,15 @@ def quantize_layerwise(
     emit("", model)
     log.info("quantized %d layers in %.1f s", len(stack), time.perf_counter() - t0)
     return model
+
+
+def _forward(layer: nn.Module, hidden: list[torch.Tensor], calls: list[tuple[tuple, dict]], *, update: bool) -> None:
+    """Run ``layer`` on each sample's inputs; with ``update``, its outputs replace them (in place, so
+    that one set of activations is held, not two)."""
+    for j, (args, kwargs) in enumerate(calls):
+        out = _output(layer(hidden[j], *args[1:], **kwargs))
+        if update:
+            hidden[j] = out
 
 
 def _module_prefix(model: nn.Module, target: nn.Module) -> str:
