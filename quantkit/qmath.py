@@ -7,6 +7,8 @@ int8 back to real values: ``x ~= q * scale``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # The int8 limit: values are clipped to [-QMAX, QMAX].
@@ -44,15 +46,26 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
         ``(q, scale)``: int8 ``[out, in]`` and fp32 ``[out]`` with ``weight ~= q * scale[:, None]``.
     """
     w = weight.detach()
-    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)  # row-major, whatever w's layout (Conv1D)
-    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
-    # A block of rows at a time: the fp32 temporaries stay small (an embedding table of 128k rows
-    # would otherwise need two fp32 copies of itself); every row is computed exactly as in one piece.
-    step = max(1, _BLOCK_ELEMENTS // max(w.shape[1], 1))
-    for start in range(0, w.shape[0], step):
-        rows = w[start : start + step]
-        scale[start : start + step] = abs_max_scale(rows.abs().amax(dim=1))
-        q[start : start + step] = quantize_to_int8(rows, scale[start : start + step, None])
+    return quantize_row_blocks(tuple(w.shape), lambda start, stop: w[start:stop], w.device)
+
+
+def quantize_row_blocks(
+    shape: tuple[int, int], rows: Callable[[int, int], torch.Tensor], device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_weight_per_channel` of an ``[out, in]`` weight given a block of rows at a time.
+
+    ``rows(start, stop)`` returns the float rows ``start:stop``; no more than a few MiB of them are asked
+    for at once, so the fp32 temporaries stay small and the weight itself need never be in memory
+    whole (e.g. rows read straight from a checkpoint). Each row comes out as in one piece.
+    """
+    q = torch.empty(shape, dtype=torch.int8, device=device)  # row-major, whatever the source layout
+    scale = torch.empty(shape[0], dtype=torch.float32, device=device)
+    step = max(1, _BLOCK_ELEMENTS // max(shape[1], 1))
+    for start in range(0, shape[0], step):
+        stop = min(start + step, shape[0])
+        block = rows(start, stop)
+        scale[start:stop] = abs_max_scale(block.abs().amax(dim=1))
+        q[start:stop] = quantize_to_int8(block, scale[start:stop, None])
     return q, scale
 
 

@@ -8,6 +8,7 @@ per row), so a tied ``lm_head`` can share its buffers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from .. import kernels
-from ..qmath import quantize_weight_per_channel
+from ..qmath import quantize_row_blocks, quantize_weight_per_channel
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,22 @@ class W8A16Linear(_QuantLinearBase):
     def from_float(cls, module: nn.Module, weight: torch.Tensor | None = None) -> W8A16Linear:
         """Quantize a float layer. ``weight`` overrides its ``[out, in]`` weight (e.g. after smoothing)."""
         return cls._from_weight(module, weight_out_in(module) if weight is None else weight)
+
+    @classmethod
+    def from_rows(
+        cls,
+        shape: tuple[int, int],
+        rows: Callable[[int, int], torch.Tensor],
+        dtype: torch.dtype,
+        bias: torch.Tensor | None = None,
+    ) -> W8A16Linear:
+        """Quantize an ``[out, in]`` weight given a block of rows at a time (:func:`quantize_row_blocks`):
+        the float weight is never whole in memory, e.g. a large ``lm_head`` read from a checkpoint."""
+        q = cls(shape[1], shape[0], bias is not None, dtype, device="meta")
+        q.weight, q.weight_scale = quantize_row_blocks(shape, rows)
+        if bias is not None:
+            q.bias = bias
+        return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.w8a16_linear(x, self.weight, self.weight_scale, self.bias)

@@ -172,13 +172,15 @@ def finish(
     model: nn.Module,
     config: QuantConfig,
     modules: tuple[str, ...],
-    read_output: Callable[[], None] | None = None,
+    read_output: Callable[[], nn.Module | None] | None = None,
 ) -> nn.Module:
     """After the linear layers: the embeddings (``config.embeddings``), the untie, and the record
     of what was done in ``model.config.quantization_config``.
 
     ``read_output``, if given, fills the output projection (still on the meta device) once the input
-    embedding is converted, so that the two float tables are never in memory together.
+    embedding is converted, so that the two float tables are never in memory together; it may instead
+    return the projection already quantized weight-only (:class:`W8A16Linear`), read a block of rows at
+    a time, which then takes its place.
     """
     read_output = read_output or (lambda: None)
     if config.embeddings == "int8":
@@ -223,7 +225,7 @@ def quantize_input_embedding(model: nn.Module) -> str:
     return name
 
 
-def _quantize_embeddings(model: nn.Module, read_output: Callable[[], None]) -> dict:
+def _quantize_embeddings(model: nn.Module, read_output: Callable[[], nn.Module | None]) -> dict:
     """Store the input and output embeddings int8 as :func:`plan_embeddings` decides: a tied pair as
     one int8 table, read by an :class:`Int8Embedding` and an :class:`Int8TiedHead` (weight-only).
     ``read_output`` fills the output projection after the input side is converted. Returns the
@@ -237,10 +239,12 @@ def _quantize_embeddings(model: nn.Module, read_output: Callable[[], None]) -> d
     done = {"input_embedding": "", "output_embedding": "", "tied_embeddings": False}
     if in_ok:
         done["input_embedding"] = quantize_input_embedding(model)
-    read_output()
+    ready = read_output()
     if out_ok:
         name = next(n for n, m in model.named_modules() if m is out)
-        if tied:
+        if ready is not None:
+            q_out = ready
+        elif tied:
             q_in = embeddings_of(model)[0]
             q_out = Int8TiedHead(q_in, None if out.bias is None else out.bias.detach().clone())
             done["tied_embeddings"] = True

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from ..config import QuantConfig
 from ..errors import QuantkitError
 from .calibration import ActStats, recording_amax
-from .modules import embeddings_of
+from .modules import W8A16Linear, embeddings_of
 from .quantize import (
     check_stats,
     finish,
@@ -155,6 +155,7 @@ def quantize_layerwise(
     emit: Emit,
     propagate: str = "quantized",
     fold_producers: bool = False,
+    read_rows: Callable[[str, int, int], torch.Tensor] | None = None,
     progress: bool = True,
 ) -> nn.Module:
     """Quantize the float checkpoint behind ``read`` into ``model``'s skeleton, one decoder layer at a time.
@@ -175,6 +176,9 @@ def quantize_layerwise(
         propagate: ``"quantized"`` (default) or ``"float"``: which outputs feed the next layer.
         fold_producers: move run-time pre-scales into producing layers
             (:func:`quantkit.core.smoothquant.fold_pre_scales`, for the compressed-tensors export).
+        read_rows: ``read_rows(name, start, stop)`` returns rows ``start:stop`` of a source tensor; with
+            it an untied output projection stored int8 is quantized from blocks of rows as they are
+            read, never whole in memory in float (it is as large as the embedding table).
 
     Returns:
         ``model``: its embeddings and other non-layer modules real, its layers freed (meta), and
@@ -245,7 +249,9 @@ def quantize_layerwise(
         emit(prefix, layer)  # may adjust the layer for its format (e.g. round scales): before propagating
         if calibrate:
             if propagate == "quantized":
-                _forward(layer, hidden, calls[i], update=True)
+                # Written already: its float parts (the served bf16 values) go back to fp32 to run on the
+                # fp32 activations (LayerNorm refuses mixed dtypes); int8 weights and scales stay.
+                _forward(layer.float(), hidden, calls[i], update=True)
             calls[i] = None
         layer.to("meta")  # free it
         bar.set_postfix_str(f"{(time.perf_counter() - t0) / (i + 1):.1f} s/layer")
@@ -253,9 +259,18 @@ def quantize_layerwise(
     # 4. The output projection, the float parts in the serving dtype, the embeddings, the record.
     calls = hidden = None  # the calibration activations are done with
 
-    def read_output() -> None:  # after the input embedding is converted: one float table at a time
-        if head_prefix is not None:  # a tied head is real already (it is the input embedding)
-            _materialize(model.get_submodule(head_prefix[:-1]), head_prefix, read, dtype)
+    def read_output() -> nn.Module | None:  # after the input embedding is converted: one table at a time
+        if head_prefix is None:
+            return None
+        out = model.get_submodule(head_prefix[:-1])
+        if not out.weight.is_meta:  # tied: it is the input embedding
+            return None
+        blockwise = read_rows is not None and config.embeddings == "int8" and plan_embeddings(model)[1]
+        if blockwise and type(out) is nn.Linear and out.bias is None:
+            name = f"{head_prefix}weight"
+            return W8A16Linear.from_rows(tuple(out.weight.shape), lambda a, b: read_rows(name, a, b).to(dtype), dtype)
+        _materialize(out, head_prefix, read, dtype)
+        return None
 
     head = None  # the float table must go as soon as finish() has swapped it out
     finish(model, config, names, read_output)

@@ -39,7 +39,8 @@ from ..formats import compressed_tensors, native
 from ..formats.compressed_tensors import check_exportable
 from ..formats.float_models import load_float, load_skeleton, native_dtype, resolve
 from ..formats.native import atomic_output_dir, check_output_dir, load, read_record
-from ..formats.safetensors_io import CheckpointReader, ShardWriter, parse_size
+from ..formats.safetensors_io import CheckpointReader
+from ..formats.shard_writer import ShardWriter, parse_size
 from . import measure
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def quantize_to_disk(
             dtype=serving,
             emit=_trimming(fmt_module.tensor_emitter(writer)),
             propagate=propagate,
+            read_rows=reader.get_rows,
             fold_producers=export
             and config.scheme == "w8a8"
             and config.smoothing == "smoothquant"

@@ -49,7 +49,7 @@ from ..core.record import record_of
 from ..core.sequential import Emit
 from ..errors import QuantkitError
 from .native import atomic_output_dir, float_dtype, unique_state_dict
-from .safetensors_io import ShardWriter, parse_size
+from .shard_writer import ShardWriter, parse_size
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,8 @@ from ..core.modules import (
 from ..core.record import QuantRecord, record_of
 from ..core.sequential import Emit
 from ..errors import QuantkitError
-from .safetensors_io import INDEX_NAME, SINGLE_NAME, CheckpointReader, ShardWriter, parse_size
+from .safetensors_io import INDEX_NAME, SINGLE_NAME, CheckpointReader
+from .shard_writer import ShardWriter, parse_size
 
 log = logging.getLogger(__name__)
 

@@ -140,7 +140,7 @@ def test_existing_output_needs_overwrite(tmp_path, tiny_model_dir, capsys):
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from quantkit.formats.safetensors_io import ShardWriter
+    from quantkit.formats.shard_writer import ShardWriter
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -152,7 +152,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, tiny_model_dir, monkeypatch, c
 
 
 def test_interrupted_overwrite_keeps_previous_output(tmp_path, tiny_model_dir, monkeypatch):
-    from quantkit.formats.safetensors_io import ShardWriter
+    from quantkit.formats.shard_writer import ShardWriter
 
     out = tmp_path / "out"
     assert _quantize(tiny_model_dir, out, "--scheme", "w8a16") == 0

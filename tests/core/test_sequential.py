@@ -78,6 +78,35 @@ def test_layerwise_with_saved_statistics_equals_whole_model(arch):
         assert torch.equal(emitted[k], v), k
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "opt", "phi3"])
+def test_output_projection_quantized_from_row_blocks_is_the_same(arch):
+    """An untied lm_head quantized from blocks of rows read one at a time equals the one quantized whole."""
+    torch.manual_seed(1)
+    samples = torch.randint(0, 256, (2, 8))
+    config = QuantConfig(scheme="w8a8")
+    model = make_tiny(arch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    asked = []
+
+    def rows(name, start, stop):
+        asked.append((name, start, stop))
+        return state[name][start:stop]
+
+    _, whole, _ = _layerwise(make_tiny(arch), config, samples)
+    _, blocks, _ = _layerwise(make_tiny(arch), config, samples, read_rows=rows)
+    assert set(whole) == set(blocks) and all(torch.equal(whole[k], blocks[k]) for k in whole)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert bool(asked) is not tied  # a tied table is the input embedding's: nothing to read
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_quantized_propagation_runs_on_every_architecture(tiny_arch, name):
+    """The default propagation runs each quantized layer on fp32 activations, whatever its norms."""
+    torch.manual_seed(1)
+    out, emitted, _ = _layerwise(make_tiny(tiny_arch), CONFIGS[name], torch.randint(0, 256, (2, 8)))
+    assert set(out.config.quantization_config["modules"]) <= {k.rpartition(".")[0] for k in emitted}
+
+
 def test_quantized_propagation_calibrates_later_layers_on_quantized_inputs():
     """With the default propagation the second layer's statistics come from the quantized first
     layer: its smoothed weights differ from float propagation's, and the first layer's do not."""

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantkit import QuantkitError
-from quantkit.formats.safetensors_io import CheckpointReader, ShardWriter, parse_size, read_header
+from quantkit.formats.safetensors_io import CheckpointReader, read_header
+from quantkit.formats.shard_writer import ShardWriter, parse_size
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -164,7 +164,7 @@ def test_bad_shard_size_is_refused_before_writing(tmp_path):
 
 
 def test_interrupted_sharded_save_leaves_nothing(tmp_path, monkeypatch):
-    from quantkit.formats.safetensors_io import ShardWriter
+    from quantkit.formats.shard_writer import ShardWriter
 
     model = _quantized("w8a8-llama")
     real, written = ShardWriter._write_shard, []
