@@ -8,7 +8,8 @@ and builds the model's skeleton on the meta device (library costs), records the 
 resets the peak (``/proc/self/clear_refs``, as :mod:`quantkit.evaluation.measure` does), runs the
 conversion that ``quantkit quantize`` runs (:func:`quantkit.evaluation.pipeline.quantize_to_disk`)
 and reads the peak RSS (``VmHWM``). The figure is the peak above the baseline, as a share of the
-model's bf16 bytes (the issue's bar: <= 30 %), and seconds per layer.
+model's bf16 bytes (the issue's bar: <= 30 %), and seconds per layer: medians over ``--repeats``
+fresh processes, since the peak moves by up to ~150 MiB from one run to the next.
 
     python eval/bench_convert.py --out eval/results/bench_convert.json       # ~15 min on 2 cores
     python eval/bench_convert.py --layers 4 --hidden 512 --samples 2          # a quick run
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scheme", default="w8a8", choices=["w8a8", "w8a16"], help="w8a8: SmoothQuant, calibrated")
     p.add_argument("--samples", type=int, default=8, help="calibration windows (default: 8)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default: 256)")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per depth; medians reported (default: 3)")
     p.add_argument("--out", type=Path, help="write the results JSON here")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -120,14 +123,22 @@ def main(argv: list[str] | None = None) -> int:
                 "samples": args.samples,
                 "seq_len": args.seq_len,
             }
-            proc = subprocess.run(
-                [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
-            )
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("QUANTKIT_RESULT ")]
-            if proc.returncode or not lines:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return 1
-            r = json.loads(lines[-1].split(" ", 1)[1])
+            runs = []
+            for _ in range(args.repeats):  # the peak moves by up to ~150 MiB between runs: report the median
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
+                )
+                lines = [x for x in proc.stdout.splitlines() if x.startswith("QUANTKIT_RESULT ")]
+                if proc.returncode or not lines:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    return 1
+                runs.append(json.loads(lines[-1].split(" ", 1)[1]))
+            r = {
+                "baseline_rss_bytes": statistics.median(x["baseline_rss_bytes"] for x in runs),
+                "peak_bytes": statistics.median(x["peak_bytes"] for x in runs),
+                "seconds": statistics.median(x["seconds"] for x in runs),
+                "peak_bytes_runs": [x["peak_bytes"] for x in runs],
+            }
             shards = sorted(p.name for p in (Path(tmp) / f"q-{layers}").glob("*.safetensors"))
             rows.append(
                 {
@@ -140,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(
-                f"{layers} layers, {nbytes / 2**30:.2f} GiB bf16: peak {r['peak_bytes'] / 2**20:.0f} MiB above the "
-                f"libraries = {100 * r['peak_bytes'] / nbytes:.1f}% of bf16 (bar {100 * BAR:.0f}%), "
-                f"{r['seconds']:.0f} s = {r['seconds'] / layers:.1f} s/layer",
+                f"{layers} layers, {nbytes / 2**30:.2f} GiB bf16: median peak {r['peak_bytes'] / 2**20:.0f} MiB "
+                f"above the libraries = {100 * r['peak_bytes'] / nbytes:.1f}% of bf16 (bar {100 * BAR:.0f}%), "
+                f"{r['seconds']:.0f} s = {r['seconds'] / layers:.1f} s/layer; "
+                f"runs: {', '.join(f'{b / 2**20:.0f}' for b in r['peak_bytes_runs'])} MiB",
                 flush=True,
             )
     result = {
