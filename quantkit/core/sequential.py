@@ -5,20 +5,23 @@ shapes, no weights) and a function that reads one float tensor of the source che
 It materializes only what it is working on:
 
 1. everything outside the decoder stack except the output projection (embeddings, position tables,
-   the final norm: small), in fp32;
+   the final norm), in fp32 (a plain embedding table in the checkpoint's dtype, its looked-up rows
+   cast to fp32: the same values at half the memory);
 2. the inputs of every decoder layer on the calibration samples, captured by running the model
    with each layer replaced by a stub that records the arguments it is called with (hidden states
    for the first layer; attention masks, position embeddings, ... for each layer, since some
    architectures give layers of different types different ones) and stops the forward at the last
-   layer. No per-model code: whatever the model passes its layers is what they get here;
+   layer. No per-model code: whatever the model passes its layers is what they get here. Then the
+   float parts go to the serving dtype and an untied input embedding to int8;
 3. for each layer in turn: read its weights (fp32), run the cached inputs through it while recording
    the activation abs-max of its linears (the statistics :func:`quantkit.calibrate` would record
    for them), cast it to the serving dtype, smooth and quantize its linears with
-   :func:`quantkit.core.quantize.quantize_targets`, run the inputs through the *quantized* layer to
-   make the next layer's inputs (so later layers are calibrated on what they will really see;
-   ``propagate="float"`` uses the float layer's outputs instead, which reproduces whole-model
-   quantization bit for bit), hand the layer to ``emit`` (which writes its tensors) and free it;
-4. the output projection and embeddings, then the record (:func:`quantkit.core.quantize.finish`).
+   :func:`quantkit.core.quantize.quantize_targets`, hand it to ``emit`` (which writes its tensors),
+   run the inputs through the *quantized* layer to make the next layer's inputs (so later layers are
+   calibrated on what they will really see; ``propagate="float"`` uses the float layer's outputs
+   instead, which reproduces whole-model quantization bit for bit) and free it;
+4. the output projection (from blocks of rows when ``read_rows`` is given and it is stored int8) and
+   the embeddings, then the record (:func:`quantkit.core.quantize.finish`).
 
 Schemes that need no statistics (W8A16, naive per-token W8A8) skip steps 2 and the forward passes
 of 3: each layer is read, quantized, emitted and freed.
