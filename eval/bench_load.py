@@ -31,19 +31,8 @@ BAR = 1.3  # the issue's bar: peak memory of loading <= 1.3x the checkpoint's by
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def child(folder: str) -> dict:
     """Run in a fresh process: peak RSS of ``quantkit.load(folder)`` above the RSS after the imports."""
-    import ctypes
-    import ctypes.util
-    import gc
-
     import accelerate  # noqa: F401  (what load imports, imported before the baseline)
     import torch
     import transformers  # noqa: F401
@@ -51,19 +40,17 @@ def child(folder: str) -> dict:
     from transformers.models.llama import modeling_llama  # noqa: F401
 
     import quantkit
+    from quantkit.evaluation.measure import release_free_heap, status_bytes
 
     torch.set_grad_enabled(False)
-    gc.collect()
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-    baseline = _status_bytes("VmRSS")
+    release_free_heap()
+    baseline = status_bytes("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0, proc(5))
     t0 = time.perf_counter()
     model = quantkit.load(folder)
     seconds = time.perf_counter() - t0
-    peak = _status_bytes("VmHWM")
-    after = _status_bytes("VmRSS")
+    peak = status_bytes("VmHWM")
+    after = status_bytes("VmRSS")
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return {
         "baseline_rss_bytes": baseline,

@@ -1,4 +1,4 @@
-"""Jobs the CLI runs: load -> calibrate -> quantize -> save one checkpoint, evaluate checkpoints
+"""Jobs the CLI runs: quantize one checkpoint layer by layer, evaluate checkpoints
 against their float baseline, and the whole quantize -> evaluate -> report loop on one model.
 
 Speed for one results file is measured in one process, so speed ratios compare runs on the same
@@ -15,7 +15,6 @@ import logging
 import shlex
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,6 @@ def load_calibrated(
     calibration: str | Path | None = None,
     n_samples: int = DEFAULT_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
-    check: Callable[[nn.Module], None] | None = None,
     progress: bool = True,
 ) -> tuple[nn.Module, Any, Path, ActStats | None]:
     """``(model, tokenizer, path, stats)``: a float model in fp32 and its activation statistics.
@@ -70,12 +68,10 @@ def load_calibrated(
     The model is loaded in fp32 so that the statistics are not rounded to bf16; cast it to the
     serving dtype before quantizing. ``stats`` comes back None where ``config`` needs none, else as
     passed (a file written by ``quantkit calibrate`` is read), else recorded on ``calibration`` text
-    for the layers ``config`` (by default ``QuantConfig()``) quantizes. ``check`` runs on the loaded
-    model before the statistics are made, to fail before the slow part.
+    for the layers ``config`` (by default ``QuantConfig()``) quantizes. What ``quantkit calibrate``
+    runs; quantization itself calibrates layer by layer (:func:`quantize_to_disk`).
     """
     float_model, tokenizer, path = load_float(model, dtype=torch.float32, progress=progress)
-    if check is not None:
-        check(float_model)
     if config is not None and not config.needs_calibration:
         stats = None
     elif isinstance(stats, (str, Path)):

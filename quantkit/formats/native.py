@@ -46,13 +46,10 @@ from ..core.modules import (
 from ..core.record import QuantRecord, record_of
 from ..core.sequential import Emit
 from ..errors import QuantkitError
-from .safetensors_io import INDEX_NAME, SINGLE_NAME, CheckpointReader
+from .safetensors_io import CheckpointReader
 from .shard_writer import ShardWriter, parse_size
 
 log = logging.getLogger(__name__)
-
-WEIGHTS_NAME = SINGLE_NAME  # model.safetensors: the whole checkpoint when it fits in one shard
-WEIGHTS_INDEX_NAME = INDEX_NAME  # model.safetensors.index.json: tensor -> shard, when sharded
 
 
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
