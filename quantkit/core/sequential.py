@@ -12,7 +12,8 @@ It materializes only what it is working on:
    for the first layer; attention masks, position embeddings, ... for each layer, since some
    architectures give layers of different types different ones) and stops the forward at the last
    layer. No per-model code: whatever the model passes its layers is what they get here. Then the
-   float parts go to the serving dtype and an untied input embedding to int8;
+   float parts go to the serving dtype, and an untied input embedding to int8 (written and freed
+   at once);
 3. for each layer in turn: read its weights (fp32), run the cached inputs through it while recording
    the activation abs-max of its linears (the statistics :func:`quantkit.calibrate` would record
    for them), cast it to the serving dtype, smooth and quantize its linears with
@@ -184,7 +185,8 @@ def quantize_layerwise(
             read, never whole in memory in float (it is as large as the embedding table).
 
     Returns:
-        ``model``: its embeddings and other non-layer modules real, its layers freed (meta), and
+        ``model``: its embeddings and other non-layer modules real (but an untied int8 input
+        embedding, written by ``emit`` and freed before the layers), its layers freed (meta), and
         ``model.config.quantization_config`` the record, as :func:`quantkit.quantize` leaves it.
     """
     if propagate not in ("quantized", "float"):
@@ -229,7 +231,11 @@ def quantize_layerwise(
     model.to(dtype)  # the layers are still on the meta device
     if config.embeddings == "int8" and head is not None and head.weight.is_meta:  # untied: convert it now
         if plan_embeddings(model)[0]:  # (a tied table waits for its head)
-            quantize_input_embedding(model)
+            # Written and freed at once: nothing after the capture reads it, and held through the
+            # stack it would count in the peak of every layer.
+            name = quantize_input_embedding(model)
+            emit(f"{name}.", model.get_submodule(name))
+            model.get_submodule(name).to("meta")
     inp = None
 
     # 3. Layer by layer.
