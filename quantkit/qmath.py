@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import QuantkitError
+
 # The int8 limit: values are clipped to [-QMAX, QMAX].
 QMAX = 127
 # A channel or token that is all zeros would give a zero scale and a division by zero; any
@@ -44,6 +46,9 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
 
     Returns:
         ``(q, scale)``: int8 ``[out, in]`` and fp32 ``[out]`` with ``weight ~= q * scale[:, None]``.
+
+    Raises:
+        QuantkitError: the weight holds NaN or Inf (its int8 form would be garbage).
     """
     w = weight.detach()
     return quantize_row_blocks(tuple(w.shape), lambda start, stop: w[start:stop], w.device)
@@ -66,7 +71,16 @@ def quantize_row_blocks(
         block = rows(start, stop)
         scale[start:stop] = abs_max_scale(block.abs().amax(dim=1))
         q[start:stop] = quantize_to_int8(block, scale[start:stop, None])
+    if not scale.is_meta and not torch.isfinite(scale).all():  # NaN: a NaN scale; Inf: an infinite one
+        raise QuantkitError("a weight to quantize holds NaN or Inf values; the model is damaged")
     return q, scale
+
+
+def all_finite(t: torch.Tensor, block: int = 2**22) -> bool:
+    """Whether every value of ``t`` is finite, checked ``block`` values at a time: the check of a
+    large table never allocates a mask of its size."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + block]).all()) for i in range(0, flat.numel(), block))
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

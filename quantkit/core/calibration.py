@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -123,8 +124,29 @@ def save_stats(stats: ActStats, path: str | Path, metadata: dict[str, str] | Non
     save_file({k: v.contiguous() for k, v in stats.items()}, str(path), metadata=metadata or {})
 
 
-def load_stats(path: str | Path) -> ActStats:
+def read_stats(path: str | Path) -> tuple[ActStats, dict[str, str]]:
+    """Statistics saved by :func:`save_stats` and their metadata (e.g. the source model's fingerprint).
+
+    A missing, damaged or non-statistics file is a :class:`QuantkitError`, as are non-finite values.
+    """
     path = Path(path)
     if not path.is_file():
         raise QuantkitError(f"statistics file {path} does not exist; create it with quantkit calibrate")
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            stats = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise QuantkitError(f"statistics file {path} is not a readable safetensors file ({reason})") from None
+    for name, t in stats.items():
+        if t.dim() != 1 or not t.is_floating_point():
+            raise QuantkitError(f"{path}: {name} is not a 1-D float tensor; not a quantkit statistics file")
+        if not torch.isfinite(t).all():
+            raise QuantkitError(f"{path}: statistics for {name} hold NaN or Inf; recalibrate")
+    return stats, metadata
+
+
+def load_stats(path: str | Path) -> ActStats:
+    """The statistics of :func:`read_stats`, without the metadata."""
+    return read_stats(path)[0]

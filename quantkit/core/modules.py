@@ -48,6 +48,17 @@ def embeddings_of(model: nn.Module) -> tuple[nn.Module | None, nn.Module | None]
     return inp, out
 
 
+def tied_output_weight(model: nn.Module) -> str | None:
+    """The name of the output projection's weight where the config ties it to the input embedding
+    (a checkpoint stores it once, under the embedding; a skeleton built from the config may not be
+    tied yet), else None."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head = embeddings_of(model)[1]
+    if not getattr(config, "tie_word_embeddings", False) or head is None or not hasattr(head, "weight"):
+        return None
+    return next((f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` in place of the submodule called ``name`` (fully qualified)."""
     parent, _, child = name.rpartition(".")

@@ -133,6 +133,19 @@ def check_stats(targets: dict[str, nn.Module], stats: ActStats | None, config: Q
             f"calibration statistics lack {len(missing)} target layers (e.g. {missing[0]}); "
             "recalibrate with the same model and include/exclude patterns"
         )
+    for name, module in targets.items():
+        amax = stats[name]
+        width = weight_out_in(module).shape[1]
+        if amax.shape != (width,):
+            raise QuantkitError(
+                f"calibration statistics for {name} have shape {list(amax.shape)}, the layer takes {width} "
+                "inputs: they come from another model; recalibrate"
+            )
+        if not torch.isfinite(amax).all():
+            raise QuantkitError(
+                f"calibration statistics for {name} hold NaN or Inf (the model overflows on the calibration "
+                "text, or its weights are damaged); check the model or calibrate in float32"
+            )
 
 
 @torch.no_grad()

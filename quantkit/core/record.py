@@ -25,8 +25,8 @@ FORMAT_VERSION = 2
 QUANT_METHOD = "quantkit"
 
 # Fields of the block that belong to the record, not to the QuantConfig; introduced in format 2
-# except ``modules``.
-_RECORD_FIELDS = ("modules", "input_embedding", "output_embedding", "tied_embeddings")
+# except ``modules``. ``source_fingerprint`` is optional (absent from older checkpoints).
+_RECORD_FIELDS = ("modules", "input_embedding", "output_embedding", "tied_embeddings", "source_fingerprint")
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,9 @@ class QuantRecord:
         input_embedding: the :class:`~quantkit.core.modules.Int8Embedding`, ``""`` if float.
         output_embedding: the int8 ``lm_head`` (weight-only whatever the scheme), ``""`` if none.
         tied_embeddings: the two share one int8 table (stored once, under the input embedding).
+        source_fingerprint: :meth:`~quantkit.formats.safetensors_io.CheckpointReader.fingerprint` of
+            the float checkpoint it was made from (``quantkit quantize`` records it; ``""`` if
+            unknown), so that ``quantkit eval`` can refuse a baseline that is another model.
         tool_version: the quantkit that made it (information only; not compared).
     """
 
@@ -47,6 +50,7 @@ class QuantRecord:
     input_embedding: str = ""
     output_embedding: str = ""
     tied_embeddings: bool = False
+    source_fingerprint: str = ""
     tool_version: str = field(default=__version__, compare=False)
 
     def __post_init__(self) -> None:
@@ -59,6 +63,8 @@ class QuantRecord:
                 raise QuantkitError(f"quantization_config {name!r} must be a module name or empty")
         if not isinstance(self.tied_embeddings, bool):
             raise QuantkitError("quantization_config 'tied_embeddings' must be true or false")
+        if not isinstance(self.source_fingerprint, str):
+            raise QuantkitError("quantization_config 'source_fingerprint' must be a string")
         if self.tied_embeddings and not (self.input_embedding and self.output_embedding):
             raise QuantkitError("quantization_config ties the embeddings but does not name both of them")
 
@@ -89,6 +95,7 @@ class QuantRecord:
             "input_embedding": self.input_embedding,
             "output_embedding": self.output_embedding,
             "tied_embeddings": self.tied_embeddings,
+            **({"source_fingerprint": self.source_fingerprint} if self.source_fingerprint else {}),
         }
 
     @classmethod

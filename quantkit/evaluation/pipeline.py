@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import shlex
 import sys
 import time
@@ -30,16 +31,18 @@ from ..config import (
     FORMATS,
     QuantConfig,
 )
-from ..core.calibration import DEFAULT_CALIBRATION, ActStats, load_stats, make_samples, read_texts
+from ..core.calibration import DEFAULT_CALIBRATION, ActStats, load_stats, make_samples, read_stats, read_texts
 from ..core.quantize import calibrate
 from ..core.sequential import Emit, quantize_layerwise
 from ..errors import QuantkitError
 from ..formats import compressed_tensors, native
 from ..formats.compressed_tensors import check_exportable
-from ..formats.float_models import load_float, load_skeleton, native_dtype, resolve
-from ..formats.native import atomic_output_dir, check_output_dir, load, read_record
+from ..formats.float_models import check_weights_present, load_float, load_skeleton, native_dtype, resolve
+from ..formats.native import load, read_record
+from ..formats.output_dir import atomic_output_dir, check_destination, check_output_dir
 from ..formats.safetensors_io import CheckpointReader
 from ..formats.shard_writer import ShardWriter, parse_size
+from ..qmath import all_finite
 from . import measure
 
 log = logging.getLogger(__name__)
@@ -122,43 +125,45 @@ def quantize_to_disk(
         raise QuantkitError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
     max_shard_bytes = parse_size(max_shard_size)
     check_output_dir(out, overwrite)
+    measure.return_large_blocks()  # freed layers go back to the OS (see there): before any thread allocates
     skeleton, tokenizer, path = load_skeleton(model, progress=progress)
     export = fmt == "compressed-tensors"
     if export:
         check_exportable(skeleton, config)
-    if isinstance(stats, (str, Path)):
-        stats = load_stats(stats)
-    samples = None
-    if config.needs_calibration and stats is None:
-        samples = make_samples(tokenizer, read_texts(calibration or DEFAULT_CALIBRATION), n_samples, seq_len)
-        measure.release_free_heap()  # what tokenizing the whole text allocated
-        log.info("calibrating on %d samples x %d tokens", samples.shape[0], samples.shape[1])
-    serving = native_dtype(path) if dtype == "auto" else getattr(torch, dtype)
-    fmt_module = compressed_tensors if export else native
-    measure.return_large_blocks()  # freed layers go back to the OS (see there)
-    with (
-        atomic_output_dir(out, overwrite) as tmp,
-        CheckpointReader(path) as reader,
-        ShardWriter(tmp, max_shard_bytes) as writer,
-    ):
-        quantize_layerwise(
-            skeleton,
-            reader.get,
-            compressed_tensors.export_config(config) if export else config,
-            samples=samples,
-            stats=stats,
-            dtype=serving,
-            emit=_trimming(fmt_module.tensor_emitter(writer)),
-            propagate=propagate,
-            read_rows=reader.get_rows,
-            fold_producers=export
-            and config.scheme == "w8a8"
-            and config.smoothing == "smoothquant"
-            and config.fallback_smoothing,  # as quantize_for_export: the pre-scales it would keep
-            progress=progress,
-        )
-        writer.close()
-        fmt_module.write_metadata(skeleton, tmp, tokenizer)
+    with CheckpointReader(path) as reader:
+        # Everything that can be checked is checked before the slow work.
+        check_weights_present(skeleton, reader.keys())
+        check_destination(out, source=path, needed_bytes=estimated_output_bytes(reader))
+        source_fingerprint = reader.fingerprint()
+        if isinstance(stats, (str, Path)):
+            stats = _stats_for(stats, path, source_fingerprint)
+        samples = None
+        if config.needs_calibration and stats is None:
+            samples = make_samples(tokenizer, read_texts(calibration or DEFAULT_CALIBRATION), n_samples, seq_len)
+            measure.release_free_heap()  # what tokenizing the whole text allocated
+            log.info("calibrating on %d samples x %d tokens", samples.shape[0], samples.shape[1])
+        serving = native_dtype(path) if dtype == "auto" else getattr(torch, dtype)
+        fmt_module = compressed_tensors if export else native
+        with atomic_output_dir(out, overwrite) as tmp, ShardWriter(tmp, max_shard_bytes) as writer:
+            quantize_layerwise(
+                skeleton,
+                _finite(reader.get),
+                compressed_tensors.export_config(config) if export else config,
+                samples=samples,
+                stats=stats,
+                dtype=serving,
+                emit=_trimming(fmt_module.tensor_emitter(writer)),
+                propagate=propagate,
+                read_rows=_finite(reader.get_rows),
+                fold_producers=export
+                and config.scheme == "w8a8"
+                and config.smoothing == "smoothquant"
+                and config.fallback_smoothing,  # as quantize_for_export: the pre-scales it would keep
+                progress=progress,
+            )
+            skeleton.config.quantization_config["source_fingerprint"] = source_fingerprint
+            writer.close()
+            fmt_module.write_metadata(skeleton, tmp, tokenizer)
     log.info(
         "wrote %s (%s%s); peak memory of the process %.0f MiB",
         out,
@@ -167,6 +172,40 @@ def quantize_to_disk(
         measure.status_bytes("VmHWM") / 2**20 if Path("/proc/self/status").exists() else float("nan"),
     )
     return Path(out)
+
+
+def estimated_output_bytes(reader: CheckpointReader) -> int:
+    """About the bytes of the quantized checkpoint: matrices at one byte per value, the rest as stored."""
+    total = 0
+    for name in reader.keys():
+        info = reader.info(name)
+        total += info.nbytes // info.dtype.itemsize if len(info.shape) == 2 else info.nbytes
+    return total
+
+
+def _finite(read):
+    """``read`` (a reader's ``get`` or ``get_rows``), refusing tensors that hold NaN or Inf: quantized,
+    they would give a checkpoint that loads and serves garbage."""
+
+    def checked(name: str, *rows: int) -> torch.Tensor:
+        t = read(name, *rows)
+        if t.is_floating_point() and not all_finite(t):
+            raise QuantkitError(f"{name} holds NaN or Inf values in the source model; it is damaged")
+        return t
+
+    return checked
+
+
+def _stats_for(file: str | Path, path: Path, fingerprint: str) -> ActStats:
+    """Statistics from ``quantkit calibrate``, refused if they were recorded on another model."""
+    stats, metadata = read_stats(file)
+    recorded = metadata.get("fingerprint")
+    if recorded and recorded != fingerprint:
+        raise QuantkitError(
+            f"statistics {file} were recorded on another model ({metadata.get('model', '?')}), not {path}; "
+            "recalibrate with quantkit calibrate"
+        )
+    return stats
 
 
 def _trimming(emit: Emit) -> Emit:
@@ -191,13 +230,32 @@ def evaluate_all(
     speed_dtypes: tuple[str, ...] = ("bfloat16", "float32"),
     measure_speed: bool = True,
     device: str = "cpu",
+    check_baseline: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Results for the float baseline (one row per dtype) and each quantized checkpoint.
 
     Quantized models' perplexity is measured with ``ppl_dtype`` activations, like the baseline's
     row of that dtype; their speed with the first of ``speed_dtypes`` (the serving dtype).
+
+    Before any model is loaded, every checkpoint is validated and, with ``check_baseline``, must have
+    been made from ``baseline`` (the fingerprint its record holds; checkpoints without one are
+    accepted with a warning): a drift against another model means nothing. A perplexity that is not
+    a finite number is an error, never a figure in the results.
     """
+    records = {name: read_record(path) for name, path in checkpoints.items()}
+    base_path = resolve(baseline, progress=progress)
+    with CheckpointReader(base_path) as reader:
+        base_fingerprint = reader.fingerprint()
+    for name, record in records.items():
+        if not record.source_fingerprint:
+            log.warning("%s does not record the model it was made from; cannot check the baseline", name)
+        elif record.source_fingerprint != base_fingerprint and check_baseline:
+            raise QuantkitError(
+                f"checkpoint {name} was not made from the baseline {baseline} (source fingerprint "
+                f"{record.source_fingerprint}, baseline {base_fingerprint}); pass the model it came from, or "
+                "--force to compare anyway"
+            )
     rows: list[dict[str, Any]] = []
     tokenizer = None
     batch = ids = None
@@ -207,7 +265,7 @@ def evaluate_all(
             ids = measure.eval_token_ids(tokenizer, text)
             batch = measure.windows(ids, window, n_windows)
         row: dict[str, Any] = {"name": f"float ({dtype_name})", "kind": "float", "dtype": dtype_name}
-        row["perplexity"] = measure.perplexity(model, batch, progress=progress, desc=f"Perplexity {row['name']}")
+        row["perplexity"] = _finite_perplexity(model, batch, row["name"], progress)
         row["weight_bytes"] = measure.weight_bytes(model)
         row["checkpoint_bytes"] = measure.dir_bytes(base_path)
         if measure_speed and dtype_name in speed_dtypes:
@@ -218,7 +276,7 @@ def evaluate_all(
         gc.collect()
 
     for name, path in checkpoints.items():
-        record = read_record(path)
+        record = records[name]
         row = {
             "name": name,
             "kind": "quantized",
@@ -227,7 +285,7 @@ def evaluate_all(
             "path": str(path),
         }
         model = load(path, dtype=getattr(torch, ppl_dtype), device=device)
-        row["perplexity"] = measure.perplexity(model, batch, progress=progress, desc=f"Perplexity {name}")
+        row["perplexity"] = _finite_perplexity(model, batch, name, progress)
         if measure_speed:
             if speed_dtypes[0] != ppl_dtype:
                 del model
@@ -258,6 +316,16 @@ def evaluate_all(
         "baseline": f"float ({ppl_dtype})",
         "rows": rows,
     }
+
+
+def _finite_perplexity(model: nn.Module, batch: torch.Tensor, name: str, progress: bool) -> float:
+    ppl = measure.perplexity(model, batch, progress=progress, desc=f"Perplexity {name}")
+    if not math.isfinite(ppl):
+        raise QuantkitError(
+            f"the perplexity of {name} is {ppl}: the model computes NaN or Inf on the evaluation text "
+            "(damaged weights, or an overflow); nothing was written"
+        )
+    return ppl
 
 
 def _add_peak_memory(speed: dict[str, Any], path: Path, kind: str, dtype: str, ids: torch.Tensor, device: str) -> None:
@@ -292,8 +360,10 @@ def run_default_job(
     from .report_md import write_markdown
 
     t0 = time.time()
-    with atomic_output_dir(out, overwrite) as tmp:  # fails at once if out exists and may not be replaced
-        path = resolve(model, progress=progress)
+    check_output_dir(out, overwrite)
+    path = resolve(model, progress=progress)
+    check_destination(out, source=path)
+    with atomic_output_dir(out, overwrite) as tmp:
         checkpoints = {}
         for name, config in DEFAULT_VARIANTS.items():  # each calibrates itself if it needs to, layer by layer
             checkpoints[name] = quantize_to_disk(

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..formats.output_dir import write_text_atomic
 from .report_md import MIB, table_rows, table_text
 from .svg import FLOAT_COLOR, PALETTE, bar_plot, esc, line_plot, scatter_plot
 
@@ -255,5 +256,5 @@ def html_report(all_results: list[dict[str, Any]], titles: list[str] | None = No
 def write_html(all_results: list[dict[str, Any]], out: str | Path, titles: list[str] | None = None) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(html_report(all_results, titles), encoding="utf-8")
+    write_text_atomic(out, html_report(all_results, titles))
     return out

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from ..errors import QuantkitError
+from ..formats.output_dir import write_text_atomic
 
 
 def read_results(paths: list[str | Path]) -> list[dict[str, Any]]:
@@ -21,8 +23,26 @@ def read_results(paths: list[str | Path]) -> list[dict[str, Any]]:
             raise QuantkitError(f"{p} is not a quantkit results JSON file") from None
         if not isinstance(data, dict) or data.get("schema") != "quantkit.eval/1":
             raise QuantkitError(f"{p} is not a quantkit results file (no schema quantkit.eval/1)")
+        _check_results(p, data)
         results.append(data)
     return results
+
+
+def _check_results(path: Path, data: dict[str, Any]) -> None:
+    """The fields a report reads, of the right kinds; perplexities finite and positive."""
+    how = "; write it again with quantkit eval"
+    if not isinstance(data.get("protocol"), dict):
+        raise QuantkitError(f"{path} has no protocol block{how}")
+    rows = data.get("rows")
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise QuantkitError(f"{path} has no rows of results{how}")
+    names = [r.get("name") for r in rows]
+    if data.get("baseline") not in names:
+        raise QuantkitError(f"{path}: its baseline {data.get('baseline')!r} is not one of its rows{how}")
+    for r in rows:
+        ppl = r.get("perplexity")
+        if isinstance(ppl, bool) or not isinstance(ppl, (int, float)) or not math.isfinite(ppl) or ppl <= 0:
+            raise QuantkitError(f"{path}: row {r.get('name')!r} has perplexity {ppl!r}, not a positive number{how}")
 
 
 MIB = 2**20
@@ -147,5 +167,5 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
 
 def write_markdown(all_results: list[dict[str, Any]], out: str | Path) -> Path:
     out = Path(out)
-    out.write_text(markdown(all_results))
+    write_text_atomic(out, markdown(all_results))
     return out

@@ -48,7 +48,8 @@ from ..core.quantize import quantize, select_targets
 from ..core.record import record_of
 from ..core.sequential import Emit
 from ..errors import QuantkitError
-from .native import atomic_output_dir, float_dtype, unique_state_dict
+from .native import float_dtype, unique_state_dict
+from .output_dir import atomic_output_dir
 from .shard_writer import ShardWriter, parse_size
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 
 from ..config import DEFAULT_MODEL
+from ..core.modules import tied_output_weight
 from ..errors import QuantkitError
+from ..qmath import all_finite
+from .safetensors_io import CheckpointReader
 
 log = logging.getLogger(__name__)
 
@@ -112,21 +115,88 @@ def from_hub(repo_id: str) -> Path:
     return folder
 
 
+# Causal-LM architectures whose code quantkit's int8 modules would break: Mamba's forward casts the
+# hidden states to ``lm_head.weight.dtype`` (int8 once quantized) and its mixers are not plain
+# linear layers.
+UNSUPPORTED = {
+    "mamba": "a state-space model",
+    "mamba2": "a state-space model",
+    "falcon_mamba": "a state-space model",
+}
+# Files of a model folder that may point transformers at Python code shipped in the folder.
+_CODE_POINTERS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def refuse_remote_code(path: Path) -> None:
+    """A clear error if the folder asks to run its own Python code (``auto_map``): quantkit never runs it."""
+    for name in _CODE_POINTERS:
+        file = Path(path) / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise QuantkitError(f"{file} is not valid JSON; the model folder is damaged") from None
+        if isinstance(data, dict) and "auto_map" in data:
+            raise QuantkitError(
+                f"{file} has an auto_map: the model needs Python code from its folder, which quantkit never "
+                "runs; use a model whose architecture transformers ships"
+            )
+
+
 def check_causal_lm(path: Path):
-    """The folder's transformers config; a clear error if it is not a causal language model."""
+    """The folder's transformers config; a clear error if it is not a causal language model that
+    quantkit can quantize, or if it would need code from the folder."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    refuse_remote_code(path)
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError, OSError, TypeError, json.JSONDecodeError) as e:
         raise QuantkitError(f"cannot read the config of {path}: {str(e).splitlines()[0]}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise QuantkitError(
             f"{path} is a {config.model_type!r} model, which is not a causal language model; "
             "quantkit quantizes decoder LMs (Llama, Qwen, Mistral, GPT-2, ...)"
         )
+    if config.model_type in UNSUPPORTED:
+        raise QuantkitError(
+            f"{path} is a {config.model_type!r} model ({UNSUPPORTED[config.model_type]}), which quantkit does not "
+            "support: its code needs float weights where quantkit stores int8"
+        )
+    causal = set()
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update([names] if isinstance(names, str) else names)
+    saved = getattr(config, "architectures", None) or []
+    if saved and not any(a in causal for a in saved):
+        raise QuantkitError(
+            f"{path} was saved as {', '.join(saved)}, not as a causal language model: it has no trained "
+            "LM head to quantize"
+        )
     return config
+
+
+def check_weights_present(model, keys) -> None:
+    """A clear error if the float checkpoint (tensor names ``keys``) lacks a tensor of ``model`` (a
+    skeleton): transformers would initialize it at random, and quantkit would quantize noise."""
+    have = set(keys)
+    tied = tied_output_weight(model)
+    if tied is not None:  # read from the input embedding
+        have.add(tied)
+    seen: set[int] = set()
+    missing = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t is None or id(t) in seen:  # shared: stored once, under its first name
+            continue
+        seen.add(id(t))
+        if name not in have:
+            missing.append(name)
+    if missing:
+        raise QuantkitError(
+            f"the checkpoint lacks {len(missing)} of the model's tensors (e.g. {missing[0]}): it is incomplete "
+            "or not this architecture's; download or save it again"
+        )
 
 
 def load_skeleton(model: str | Path, *, progress: bool = True):
@@ -145,7 +215,7 @@ def load_skeleton(model: str | Path, *, progress: bool = True):
         raise QuantkitError(f"{path} is already quantized; quantize a float model")
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return skeleton.eval(), AutoTokenizer.from_pretrained(path), path
+    return skeleton.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=False), path
 
 
 def native_dtype(path: Path) -> torch.dtype:
@@ -158,17 +228,21 @@ def native_dtype(path: Path) -> torch.dtype:
 
 def load_float(model: str | Path, *, dtype: torch.dtype | None = None, device: str = "cpu", progress: bool = True):
     """``(model, tokenizer, path)`` for a float causal LM, in ``dtype`` (the checkpoint's by default)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    path = resolve(model, progress=progress)
-    check_causal_lm(path)
+    skeleton, tokenizer, path = load_skeleton(model, progress=progress)  # checks the folder
+    with CheckpointReader(path) as reader:
+        check_weights_present(skeleton, reader.keys())
+    del skeleton
     try:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", use_safetensors=True)
+        m = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=False
+        )
     except (OSError, ValueError) as e:
         raise QuantkitError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
-    if getattr(m.config, "quantization_config", None) is not None:
-        raise QuantkitError(f"{path} is already quantized; quantize a float model")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    for name, t in m.state_dict().items():
+        if t.is_floating_point() and not all_finite(t):
+            raise QuantkitError(f"{name} holds NaN or Inf values in {path}; the model is damaged")
     return m.to(device).eval(), tokenizer, path
 
 
@@ -178,7 +252,7 @@ def prepare_default(*, progress: bool = True) -> Path:
     Idempotent: a complete folder in the cache is reused. The conversion writes to a temporary
     folder that is renamed into place at the end, so an interrupted conversion is redone next time.
     """
-    from .native import atomic_output_dir
+    from .output_dir import atomic_output_dir
 
     out = cache_dir() / "models" / "smollm2-135m-instruct"
     if (out / "model.safetensors").is_file() and (out / "config.json").is_file():

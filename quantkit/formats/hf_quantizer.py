@@ -30,7 +30,9 @@ remains the way to load.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from pathlib import Path
 from typing import Any
 
 import transformers
@@ -42,8 +44,10 @@ from .._version import transformers_supported
 from ..core.modules import QUANT_MODULES, Int8Embedding
 from ..core.record import QUANT_METHOD, QuantRecord
 from ..errors import QuantkitError
+from .float_models import refuse_remote_code
 from .native import swap_in_empty_modules
-from .safetensors_io import read_header
+from .safetensors_io import CheckpointReader
+from .validate import check_finite, raise_problems, scale_problems, tensor_problems
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +91,25 @@ class QuantkitHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
         record = self.quantization_config.record
-        swap_in_empty_modules(model, record, _checkpoint_keys(checkpoint_files), dtype or model.dtype)
+        files = _safetensors_files(checkpoint_files)
+        folder = files[0].parent if files else None
+        if folder is not None:
+            refuse_remote_code(folder)
+        with CheckpointReader(folder) if folder is not None else contextlib.nullcontext() as reader:
+            keys = set(reader.keys()) if reader is not None else set()
+            swap_in_empty_modules(model, record, keys, dtype or model.dtype)
+            if reader is not None:  # the same validation as quantkit.load, before any weight is read
+                infos = {name: reader.info(name) for name in keys}
+                problems = tensor_problems(model, record, infos) or scale_problems(reader.get, record, keys)
+                raise_problems(folder, problems)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         record = self.quantization_config.record
+        where = getattr(model.config, "_name_or_path", "") or "the checkpoint"
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t is not None and not t.is_meta:
+                check_finite(name, t, where)
         placed = set((getattr(model, "hf_device_map", None) or {}).values())
         if record.tied_embeddings and len(placed) > 1:
             # Int8TiedHead owns no tensors, so accelerate cannot keep it beside the table it reads.
@@ -120,14 +138,13 @@ class QuantkitHfQuantizer(HfQuantizer):
         return False
 
 
-def _checkpoint_keys(checkpoint_files: list[str] | None) -> set[str]:
-    """Tensor names in the checkpoint's safetensors files, one or all shards (headers only, validated)."""
-    keys: set[str] = set()
-    for f in checkpoint_files or []:
-        if not str(f).endswith(".safetensors"):
+def _safetensors_files(checkpoint_files: list[str] | None) -> list[Path]:
+    """The checkpoint's safetensors files (one or all shards, in one folder); anything else is refused."""
+    files = [Path(f) for f in checkpoint_files or []]
+    for f in files:
+        if f.suffix != ".safetensors":
             raise QuantkitError(f"quantkit checkpoints are safetensors; got {f}")
-        keys.update(read_header(f))
-    return keys
+    return files
 
 
 def register() -> bool:

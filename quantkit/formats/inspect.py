@@ -25,6 +25,7 @@ from ..core.modules import SCALE_BUFFERS, is_float_linear, weight_out_in
 from ..core.record import QuantRecord
 from ..errors import QuantkitError
 from .compressed_tensors import PROVENANCE_NAME
+from .native import checkpoint_problems
 from .safetensors_io import CheckpointReader
 
 _DTYPE_BYTES = {"I8": 1, "U8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
@@ -105,6 +106,12 @@ def inspect(path: str | Path) -> CheckpointInfo:
     method = qc.get("quant_method")
     if method == "quantkit":
         info = _inspect_quantkit(path, config, qc, tensors, linears)
+        if linears is not None:  # what quantkit.load would refuse, unless said above already
+            named = " ".join(info.problems)
+            for problem in checkpoint_problems(path):
+                tensor = problem.split()[1] if problem.startswith("tensor ") else ""
+                if not tensor or tensor.rpartition(".")[0] not in named:
+                    info.problems.append(problem)
     elif method == "compressed-tensors":
         info = _inspect_compressed_tensors(path, config, qc, tensors, linears)
     else:

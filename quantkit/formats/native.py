@@ -17,17 +17,14 @@ shards. :func:`load` reads one tensor at a time (no file is memory-mapped), so l
 the checkpoint's bytes of memory.
 
 Nothing is ever unpickled. Writes go to a temporary sibling folder that is renamed into place only
-when complete, so an interrupted run never leaves a half-written output directory.
+when complete, so an interrupted run never leaves a half-written output directory
+(:mod:`quantkit.formats.output_dir`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -46,44 +43,13 @@ from ..core.modules import (
 from ..core.record import QuantRecord, record_of
 from ..core.sequential import Emit
 from ..errors import QuantkitError
+from .float_models import refuse_remote_code
+from .output_dir import atomic_output_dir
 from .safetensors_io import CheckpointReader
 from .shard_writer import ShardWriter, parse_size
+from .validate import check_finite, raise_problems, scale_problems, tensor_problems
 
 log = logging.getLogger(__name__)
-
-
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    """Fail early (before any long work) if ``out`` exists and may not be replaced."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise QuantkitError(f"output directory {out} already exists; choose another path or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise QuantkitError(f"output path {out} exists and is not a directory")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that becomes ``out`` only if the block completes.
-
-    On any exception (KeyboardInterrupt included) the temporary folder is removed and ``out`` is
-    left exactly as it was.
-    """
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save(
@@ -194,31 +160,22 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
     The round trip ``save`` -> ``load`` is bit-exact. After ``import quantkit``,
     ``AutoModelForCausalLM.from_pretrained(path, dtype=...)`` gives the same model.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    record = read_record(path)
-    config = AutoConfig.from_pretrained(path)
-    qc_dict = config.quantization_config
-    del config.quantization_config  # build the float skeleton, then swap in quantized modules
+    record, config, qc_dict = _read_config(path)
     cast = dtype is not None
-    dtype = dtype or getattr(config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = _float_dtype(dtype or getattr(config, "dtype", None) or torch.float32, path)
 
     with CheckpointReader(path) as reader:
-        # Parameters on the meta device (no memory, no random init); buffers such as rotary tables
-        # are real, since checkpoints do not store non-persistent buffers.
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        swap_in_empty_modules(model, record, set(reader.keys()), dtype)
+        model = _empty_model(config, record, reader, dtype)
+        raise_problems(path, _problems(model, record, reader))
         # One tensor at a time, straight into the skeleton: the reader gives fresh 64-byte aligned
         # memory (torch's AVX-512 int8 kernels crash on misaligned weights), so memory grows by each
         # tensor's bytes and no more. Float tensors follow ``dtype`` (as from_pretrained casts them),
         # except the quantized layers' fp32 scales, which the skeleton declares fp32.
         keep = {f"{n}.{b}" for n in record.quantized_modules for b in SCALE_BUFFERS}
         for name, t in reader.items():
+            check_finite(name, t, path)
             if cast and t.is_floating_point() and name not in keep and t.dtype != dtype:
                 t = t.to(dtype)
             _assign(model, name, t, reader.file_of(name))
@@ -228,6 +185,54 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
         raise QuantkitError(f"{path} lacks tensors {still_meta[:3]}; the checkpoint is incomplete")
     model.config.quantization_config = qc_dict
     return model.to(device).eval()
+
+
+def checkpoint_problems(path: str | Path) -> list[str]:
+    """What :func:`load` would refuse in the checkpoint at ``path`` (read from headers and scales only)."""
+    path = Path(path)
+    record, config, _ = _read_config(path)
+    with CheckpointReader(path) as reader:
+        model = _empty_model(config, record, reader, _float_dtype(getattr(config, "dtype", None) or "float32", path))
+        return _problems(model, record, reader)
+
+
+def _read_config(path: Path):
+    """``(record, transformers config without its quantization_config, the quantization_config block)``."""
+    from transformers import AutoConfig
+
+    record = read_record(path)
+    refuse_remote_code(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise QuantkitError(f"cannot read the config of {path}: {str(e).splitlines()[0]}") from None
+    qc_dict = config.quantization_config
+    del config.quantization_config  # build the float skeleton, then swap in quantized modules
+    return record, config, qc_dict
+
+
+def _float_dtype(dtype: torch.dtype | str, path: Path) -> torch.dtype:
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise QuantkitError(f"{path}: dtype {dtype!r} is not a float dtype; fix config.json or pass a dtype")
+    return value
+
+
+def _empty_model(config, record: QuantRecord, reader: CheckpointReader, dtype: torch.dtype) -> nn.Module:
+    """The model with quantkit's modules swapped in, parameters on the meta device (no memory, no
+    random init); buffers such as rotary tables are real, as checkpoints do not store them."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    swap_in_empty_modules(model, record, set(reader.keys()), dtype)
+    return model
+
+
+def _problems(model: nn.Module, record: QuantRecord, reader: CheckpointReader) -> list[str]:
+    infos = {name: reader.info(name) for name in reader.keys()}
+    return tensor_problems(model, record, infos) or scale_problems(reader.get, record, set(infos))
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor, file: Path) -> None:

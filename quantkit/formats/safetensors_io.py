@@ -14,6 +14,7 @@ Writing is :mod:`quantkit.formats.shard_writer`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -30,6 +31,8 @@ SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # safetensors' own limit on the JSON header; anything bigger is garbage, not a header.
 MAX_HEADER_BYTES = 100_000_000
+# CheckpointReader.fingerprint: how many bytes of each tensor it hashes.
+FINGERPRINT_BYTES = 4096
 
 DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -210,7 +213,7 @@ class CheckpointReader:
         return self._read(path, t, name)
 
     def _read(self, path: Path, t: TensorInfo, name: str) -> torch.Tensor:
-        buf = torch.empty(t.nbytes, dtype=torch.uint8)
+        buf = torch.empty(t.nbytes, dtype=torch.uint8, device="cpu")  # even under a meta device context
         if t.nbytes:
             f = self._handles.get(path)
             if f is None:
@@ -232,6 +235,18 @@ class CheckpointReader:
         row = t.nbytes // t.shape[0] if t.shape[0] else 0
         part = TensorInfo(t.dtype, (stop - start, *t.shape[1:]), t.start + start * row, t.start + stop * row)
         return self._read(path, part, name)
+
+    def fingerprint(self) -> str:
+        """A short hash that tells this model's weights from another's: every tensor's name, dtype, shape
+        and first :data:`FINGERPRINT_BYTES` bytes. Independent of how the tensors are split into shards;
+        reads a few MB even for a 70B model."""
+        h = hashlib.sha256()
+        for name in sorted(self._infos):
+            path, t = self._entry(name)
+            h.update(f"{name}:{t.dtype_name}:{list(t.shape)};".encode())
+            n = min(t.nbytes, FINGERPRINT_BYTES)
+            h.update(self._read(path, TensorInfo(torch.uint8, (n,), t.start, t.start + n), name).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """``(name, tensor)`` in file order, one tensor read at a time."""

@@ -1,18 +1,15 @@
-"""Command line: ``quantkit {run,quantize,calibrate,eval,report,inspect} ...``.
+"""The command line's parser: ``quantkit {run,quantize,calibrate,eval,report,inspect} ...``.
 
-``quantkit CMD --help`` explains each.
+Option values are range-checked here, before any work; every parse error is one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import sys
 from pathlib import Path
 
-from ._version import __version__
-from .config import (
+from .._version import __version__
+from ..config import (
     ACT_GRANULARITIES,
     DEFAULT_ALPHA,
     DEFAULT_EVAL_WINDOW,
@@ -27,9 +24,6 @@ from .config import (
     SCHEMES,
     QuantConfig,
 )
-from .errors import QuantkitError
-
-log = logging.getLogger("quantkit")
 
 _EPILOG = """examples:
   quantkit run                                      # default model: quantize, evaluate, report
@@ -40,6 +34,37 @@ _EPILOG = """examples:
   quantkit report w8a8.json --out report.md                  # also writes report.html
   quantkit inspect smollm2-w8a8
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like quantkit's own: ``quantkit CMD: error: ...``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {text}")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -55,16 +80,22 @@ def _add_calibration(p: argparse.ArgumentParser) -> None:
         help="calibration text: .txt, or .jsonl with a 'text' field per line (default: shipped Persuasion)",
     )
     g.add_argument(
-        "--samples", type=int, default=DEFAULT_SAMPLES, help="number of calibration windows (default: %(default)s)"
+        "--samples",
+        type=_int_at_least(1),
+        default=DEFAULT_SAMPLES,
+        help="number of calibration windows (default: %(default)s)",
     )
     g.add_argument(
-        "--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per calibration window (default: %(default)s)"
+        "--seq-len",
+        type=_int_at_least(2),
+        default=DEFAULT_SEQ_LEN,
+        help="tokens per calibration window (default: %(default)s)",
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = QuantConfig()  # what quantize does when not told otherwise
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="quantkit",
         description="INT8 post-training quantization for Hugging Face causal LMs: W8A16 (int8 weights) and "
         "SmoothQuant W8A8 (int8 weights and activations), with size/speed/perplexity reports.",
@@ -72,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"quantkit {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser(
         "run",
@@ -87,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     p.add_argument(
         "--windows",
-        type=int,
+        type=_int_at_least(1),
         default=DEFAULT_EVAL_WINDOWS,
         help=f"evaluation windows of {DEFAULT_EVAL_WINDOW} tokens (default: %(default)s)",
     )
@@ -113,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--alpha",
-        type=float,
+        type=_unit_interval,
         default=DEFAULT_ALPHA,
         help="SmoothQuant migration strength in [0, 1] (default: %(default)s)",
     )
@@ -187,8 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", required=True, help=f"the float model they came from (folder or '{DEFAULT_MODEL}')")
     p.add_argument("--out", type=Path, required=True, help="results JSON to write")
     p.add_argument("--text", type=Path, help="evaluation text (default: shipped Emma)")
-    p.add_argument("--windows", type=int, default=DEFAULT_EVAL_WINDOWS, help="number of windows (default: %(default)s)")
-    p.add_argument("--window", type=int, default=DEFAULT_EVAL_WINDOW, help="tokens per window (default: %(default)s)")
+    p.add_argument(
+        "--windows",
+        type=_int_at_least(1),
+        default=DEFAULT_EVAL_WINDOWS,
+        help="number of windows (default: %(default)s)",
+    )
+    p.add_argument(
+        "--window", type=_int_at_least(2), default=DEFAULT_EVAL_WINDOW, help="tokens per window (default: %(default)s)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="evaluate even if --baseline is not the model the checkpoints were made from (their drift is then "
+        "meaningless)",
+    )
     p.add_argument("--no-speed", action="store_true", help="skip speed measurements")
     _add_common(p)
 
@@ -214,153 +258,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_common(p)
     return parser
-
-
-def _setup_logging(args: argparse.Namespace) -> bool:
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "accelerate", "httpx"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    if args.quiet:
-        hf_logging.disable_progress_bar()
-    return not args.quiet
-
-
-def _cmd_run(args, progress: bool) -> None:
-    from .evaluation.pipeline import run_default_job
-
-    run_default_job(
-        args.model,
-        args.out,
-        overwrite=args.overwrite,
-        n_windows=args.windows,
-        calibration=args.calibration,
-        n_samples=args.samples,
-        seq_len=args.seq_len,
-        measure_speed=not args.no_speed,
-        progress=progress,
-    )
-    print((args.out / "report.md").read_text())
-    log.info("wrote %s (checkpoints, results.json, report.md, report.html)", args.out)
-
-
-def _cmd_quantize(args, progress: bool) -> None:
-    from .evaluation.pipeline import quantize_to_disk
-
-    config = QuantConfig(
-        scheme=args.scheme,
-        activations=args.activations,
-        smoothing="none" if args.no_smooth else "smoothquant",
-        alpha=args.alpha,
-        fallback_smoothing=not args.no_fallback_smoothing,
-        include=tuple(args.include),
-        exclude=tuple(args.exclude),
-        embeddings=args.embeddings,
-    )
-    quantize_to_disk(
-        args.model,
-        args.out,
-        config,
-        stats=args.stats,
-        calibration=args.calibration,
-        n_samples=args.samples,
-        seq_len=args.seq_len,
-        dtype=args.dtype,
-        fmt=args.format,
-        overwrite=args.overwrite,
-        max_shard_size=args.max_shard_size,
-        progress=progress,
-    )
-    if args.format == "compressed-tensors":
-        log.info("wrote %s (%s, compressed-tensors; serve with: vllm serve %s)", args.out, config.label, args.out)
-    else:
-        log.info("wrote %s (%s)", args.out, config.label)
-
-
-def _cmd_calibrate(args, progress: bool) -> None:
-    from .core.calibration import save_stats
-    from .evaluation.pipeline import load_calibrated
-
-    if args.out.exists():
-        raise QuantkitError(f"{args.out} already exists; choose another path")
-    _, _, path, stats = load_calibrated(
-        args.model, calibration=args.calibration, n_samples=args.samples, seq_len=args.seq_len, progress=progress
-    )
-    tmp = args.out.with_name(f".{args.out.name}.partial")
-    save_stats(stats, tmp, {"model": str(path), "samples": str(args.samples), "seq_len": str(args.seq_len)})
-    tmp.rename(args.out)
-    log.info("wrote statistics for %d layers to %s", len(stats), args.out)
-
-
-def _cmd_eval(args, progress: bool) -> None:
-    from .evaluation.layer_error import attach_layer_errors
-    from .evaluation.pipeline import evaluate_all
-
-    for c in args.checkpoints:
-        if not c.is_dir():
-            raise QuantkitError(f"checkpoint {c} not found")
-    checkpoints = {c.name: c for c in args.checkpoints}
-    results = evaluate_all(
-        args.baseline,
-        checkpoints,
-        text=args.text,
-        n_windows=args.windows,
-        window=args.window,
-        measure_speed=not args.no_speed,
-        progress=progress,
-    )
-    attach_layer_errors(results, args.baseline, checkpoints, text=args.text, progress=progress)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    log.info("wrote %s", args.out)
-
-
-def _cmd_report(args, progress: bool) -> None:
-    from .evaluation.report_html import write_html
-    from .evaluation.report_md import read_results, write_markdown
-
-    results = read_results(args.results)
-    write_markdown(results, args.out)
-    html = write_html(results, args.html or args.out.with_suffix(".html"), titles=[str(p) for p in args.results])
-    log.info("wrote %s and %s", args.out, html)
-
-
-def _cmd_inspect(args, progress: bool) -> int:
-    from .formats.inspect import format_text, inspect
-
-    if not args.checkpoint.is_dir():
-        raise QuantkitError(f"checkpoint {args.checkpoint} not found")
-    info = inspect(args.checkpoint)
-    print(json.dumps(info.to_dict(), indent=2) if args.json else format_text(info))
-    return 0 if info.consistent else 1
-
-
-_COMMANDS = {
-    "run": _cmd_run,
-    "quantize": _cmd_quantize,
-    "calibrate": _cmd_calibrate,
-    "eval": _cmd_eval,
-    "report": _cmd_report,
-    "inspect": _cmd_inspect,
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    progress = _setup_logging(args)
-    try:
-        rc = _COMMANDS[args.command](args, progress)
-    except QuantkitError as e:
-        print(f"quantkit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("quantkit: interrupted; no partial output was left behind", file=sys.stderr)
-        return 130
-    return rc or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

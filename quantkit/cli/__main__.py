@@ -1,0 +1,7 @@
+"""``python -m quantkit.cli``: the ``quantkit`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""What each ``quantkit`` command does, given its parsed arguments."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from ..config import QuantConfig
+from ..errors import QuantkitError
+
+log = logging.getLogger("quantkit")
+
+
+def _cmd_run(args, progress: bool) -> None:
+    from ..evaluation.pipeline import run_default_job
+
+    run_default_job(
+        args.model,
+        args.out,
+        overwrite=args.overwrite,
+        n_windows=args.windows,
+        calibration=args.calibration,
+        n_samples=args.samples,
+        seq_len=args.seq_len,
+        measure_speed=not args.no_speed,
+        progress=progress,
+    )
+    print((args.out / "report.md").read_text())
+    log.info("wrote %s (checkpoints, results.json, report.md, report.html)", args.out)
+
+
+def _cmd_quantize(args, progress: bool) -> None:
+    from ..evaluation.pipeline import quantize_to_disk
+
+    config = QuantConfig(
+        scheme=args.scheme,
+        activations=args.activations,
+        smoothing="none" if args.no_smooth else "smoothquant",
+        alpha=args.alpha,
+        fallback_smoothing=not args.no_fallback_smoothing,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        embeddings=args.embeddings,
+    )
+    quantize_to_disk(
+        args.model,
+        args.out,
+        config,
+        stats=args.stats,
+        calibration=args.calibration,
+        n_samples=args.samples,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        fmt=args.format,
+        overwrite=args.overwrite,
+        max_shard_size=args.max_shard_size,
+        progress=progress,
+    )
+    if args.format == "compressed-tensors":
+        log.info("wrote %s (%s, compressed-tensors; serve with: vllm serve %s)", args.out, config.label, args.out)
+    else:
+        log.info("wrote %s (%s)", args.out, config.label)
+
+
+def _cmd_calibrate(args, progress: bool) -> None:
+    from ..core.calibration import save_stats
+    from ..evaluation.pipeline import load_calibrated
+    from ..formats.output_dir import check_destination
+    from ..formats.safetensors_io import CheckpointReader
+
+    if args.out.exists():
+        raise QuantkitError(f"{args.out} already exists; choose another path")
+    check_destination(args.out)
+    _, _, path, stats = load_calibrated(
+        args.model, calibration=args.calibration, n_samples=args.samples, seq_len=args.seq_len, progress=progress
+    )
+    with CheckpointReader(path) as reader:
+        fingerprint = reader.fingerprint()
+    metadata = {
+        "model": str(path),
+        "fingerprint": fingerprint,
+        "samples": str(args.samples),
+        "seq_len": str(args.seq_len),
+    }
+    tmp = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")
+    try:
+        save_stats(stats, tmp, metadata)
+        tmp.rename(args.out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("wrote statistics for %d layers to %s", len(stats), args.out)
+
+
+def _cmd_eval(args, progress: bool) -> None:
+    from ..evaluation.layer_error import attach_layer_errors
+    from ..evaluation.pipeline import evaluate_all
+    from ..formats.output_dir import check_destination, write_text_atomic
+
+    for c in args.checkpoints:
+        if not c.is_dir():
+            raise QuantkitError(f"checkpoint {c} not found")
+    checkpoints = {c.name: c for c in args.checkpoints}
+    if len(checkpoints) != len(args.checkpoints):
+        raise QuantkitError("two checkpoints have the same folder name; their results would be confused")
+    if args.out.is_dir():
+        raise QuantkitError(f"--out {args.out} is a folder; give a .json file name")
+    check_destination(args.out)
+    results = evaluate_all(
+        args.baseline,
+        checkpoints,
+        text=args.text,
+        n_windows=args.windows,
+        window=args.window,
+        measure_speed=not args.no_speed,
+        check_baseline=not args.force,
+        progress=progress,
+    )
+    attach_layer_errors(results, args.baseline, checkpoints, text=args.text, progress=progress)
+    write_text_atomic(args.out, json.dumps(results, indent=2))
+    log.info("wrote %s", args.out)
+
+
+def _cmd_report(args, progress: bool) -> None:
+    from ..evaluation.report_html import write_html
+    from ..evaluation.report_md import read_results, write_markdown
+
+    results = read_results(args.results)
+    write_markdown(results, args.out)
+    html = write_html(results, args.html or args.out.with_suffix(".html"), titles=[str(p) for p in args.results])
+    log.info("wrote %s and %s", args.out, html)
+
+
+def _cmd_inspect(args, progress: bool) -> int:
+    from ..formats.inspect import format_text, inspect
+
+    if not args.checkpoint.is_dir():
+        raise QuantkitError(f"checkpoint {args.checkpoint} not found")
+    info = inspect(args.checkpoint)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else format_text(info))
+    return 0 if info.consistent else 1
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "quantize": _cmd_quantize,
+    "calibrate": _cmd_calibrate,
+    "eval": _cmd_eval,
+    "report": _cmd_report,
+    "inspect": _cmd_inspect,
+}
