@@ -43,6 +43,7 @@ from ..core.modules import (
 from ..core.record import QuantRecord, record_of
 from ..core.sequential import Emit
 from ..errors import QuantkitError
+from ..qmath import all_finite
 from .float_models import refuse_remote_code
 from .output_dir import atomic_output_dir
 from .safetensors_io import CheckpointReader
@@ -188,12 +189,17 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.d
 
 
 def checkpoint_problems(path: str | Path) -> list[str]:
-    """What :func:`load` would refuse in the checkpoint at ``path`` (read from headers and scales only)."""
+    """What :func:`load` would refuse in the checkpoint at ``path``: read from the headers, the scales
+    and the float tensors (norms, biases, float embeddings), not the int8 weights."""
     path = Path(path)
     record, config, _ = _read_config(path)
     with CheckpointReader(path) as reader:
         model = _empty_model(config, record, reader, _float_dtype(getattr(config, "dtype", None) or "float32", path))
-        return _problems(model, record, reader)
+        problems = _problems(model, record, reader)
+        if not problems:
+            floats = [n for n in reader.keys() if reader.info(n).dtype.is_floating_point]
+            problems = [f"tensor {n} holds NaN or Inf" for n in floats if not all_finite(reader.get(n))]
+        return problems
 
 
 def _read_config(path: Path):

@@ -9,8 +9,9 @@ a partial one.
   in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``), after which the old content, now at the
   hidden name, is removed.
 * Where the exchange is not available (another OS or file system) the old folder is first renamed
-  to ``.NAME.old-PID``, then the new one into place: a crash between the two renames leaves ``out``
-  absent for a moment, and the next run restores the old folder (below).
+  to ``.NAME.old-PID``, then the new one into place; an exception between the two (SIGTERM) puts
+  the old one back, but a process killed outright between them leaves ``out`` absent until the next
+  run restores the old folder (below).
 * Any exception (Ctrl-C and, through the command line's handler, SIGTERM included) removes the
   partial folder and leaves ``out`` as it was. A process killed outright (SIGKILL, power loss) leaves
   its hidden folder behind: every later run for the same ``out`` first removes the ``.partial-PID``
@@ -148,8 +149,13 @@ def publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         return
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    out.rename(old)
-    tmp.rename(out)
+    try:
+        out.rename(old)
+        tmp.rename(out)
+    except BaseException:  # e.g. SIGTERM between the renames: put the old output back
+        if not out.exists() and old.exists():
+            old.rename(out)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
