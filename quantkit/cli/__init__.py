@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             log.debug("traceback", exc_info=True)
         where = f"{e.filename}: " if e.filename else ""
-        print(f"quantkit: error: {where}{e.strerror or e}", file=sys.stderr)
+        reason = (str(e.strerror or e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"quantkit: error: {where}{reason}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("quantkit: interrupted; no partial output was left behind", file=sys.stderr)

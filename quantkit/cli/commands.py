@@ -106,6 +106,9 @@ def _cmd_eval(args, progress: bool) -> None:
         raise QuantkitError("two checkpoints have the same folder name; their results would be confused")
     if args.out.is_dir():
         raise QuantkitError(f"--out {args.out} is a folder; give a .json file name")
+    for c in args.checkpoints:
+        if c.resolve() in args.out.resolve().parents:
+            raise QuantkitError(f"--out {args.out} is inside checkpoint {c}; write the results elsewhere")
     check_destination(args.out)
     results = evaluate_all(
         args.baseline,
@@ -126,9 +129,14 @@ def _cmd_report(args, progress: bool) -> None:
     from ..evaluation.report_html import write_html
     from ..evaluation.report_md import read_results, write_markdown
 
+    html = args.html or args.out.with_suffix(".html")
+    inputs = {p.resolve() for p in args.results}
+    for out in (args.out, html):
+        if out.resolve() in inputs:
+            raise QuantkitError(f"{out} is one of the results files; the report would overwrite it")
     results = read_results(args.results)
     write_markdown(results, args.out)
-    html = write_html(results, args.html or args.out.with_suffix(".html"), titles=[str(p) for p in args.results])
+    write_html(results, html, titles=[str(p) for p in args.results])
     log.info("wrote %s and %s", args.out, html)
 
 

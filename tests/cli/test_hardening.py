@@ -323,3 +323,12 @@ def test_os_errors_are_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(commands.COMMANDS, "inspect", full)
     assert main(["inspect", str(tmp_path)]) == 2
     _one_line_error(capsys, "No space left on device")
+
+
+def test_report_never_overwrites_its_inputs(tmp_path, capsys):
+    f = tmp_path / "r.json"
+    f.write_text("{}")
+    for out in (["--out", str(f)], ["--out", str(tmp_path / "r.md"), "--html", str(f)]):
+        assert main(["report", str(f), *out]) == 2
+        _one_line_error(capsys, "overwrite")
+    assert f.read_text() == "{}"
