@@ -9,7 +9,7 @@ resets the peak (``/proc/self/clear_refs``, as :mod:`quantkit.evaluation.measure
 conversion that ``quantkit quantize`` runs (:func:`quantkit.evaluation.pipeline.quantize_to_disk`)
 and reads the peak RSS (``VmHWM``). The figure is the peak above the baseline, as a share of the
 model's bf16 bytes (the issue's bar: <= 30 %), and seconds per layer: medians over ``--repeats``
-fresh processes, since the peak moves by up to ~150 MiB from one run to the next.
+fresh processes, every run reported.
 
     python eval/bench_convert.py --out eval/results/bench_convert.json       # ~15 min on 2 cores
     python eval/bench_convert.py --layers 4 --hidden 512 --samples 2          # a quick run
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seq_len": args.seq_len,
             }
             runs = []
-            for _ in range(args.repeats):  # the peak moves by up to ~150 MiB between runs: report the median
+            for _ in range(args.repeats):
                 proc = subprocess.run(
                     [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT
                 )

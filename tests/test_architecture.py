@@ -19,6 +19,7 @@ LAYERS = {
     "quantkit.errors": 0,
     "quantkit.config": 0,
     "quantkit.qmath": 0,
+    "quantkit.devices": 0,
     "quantkit.kernels": 1,
     "quantkit.core": 2,
     "quantkit.formats": 3,

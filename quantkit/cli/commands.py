@@ -24,6 +24,7 @@ def _cmd_run(args, progress: bool) -> None:
         n_samples=args.samples,
         seq_len=args.seq_len,
         measure_speed=not args.no_speed,
+        device=args.device,
         progress=progress,
     )
     print((args.out / "report.md").read_text())
@@ -55,6 +56,7 @@ def _cmd_quantize(args, progress: bool) -> None:
         fmt=args.format,
         overwrite=args.overwrite,
         max_shard_size=args.max_shard_size,
+        device=args.device,
         progress=progress,
     )
     if args.format == "compressed-tensors":
@@ -65,15 +67,22 @@ def _cmd_quantize(args, progress: bool) -> None:
 
 def _cmd_calibrate(args, progress: bool) -> None:
     from ..core.calibration import save_stats
+    from ..devices import resolve_device
     from ..evaluation.pipeline import load_calibrated
     from ..formats.output_dir import check_destination
     from ..formats.safetensors_io import CheckpointReader
 
+    resolve_device(args.device)  # a bad --device fails before any work
     if args.out.exists():
         raise QuantkitError(f"{args.out} already exists; choose another path")
     check_destination(args.out)
     _, _, path, stats = load_calibrated(
-        args.model, calibration=args.calibration, n_samples=args.samples, seq_len=args.seq_len, progress=progress
+        args.model,
+        calibration=args.calibration,
+        n_samples=args.samples,
+        seq_len=args.seq_len,
+        device=args.device,
+        progress=progress,
     )
     with CheckpointReader(path) as reader:
         fingerprint = reader.fingerprint()
@@ -94,10 +103,12 @@ def _cmd_calibrate(args, progress: bool) -> None:
 
 
 def _cmd_eval(args, progress: bool) -> None:
+    from ..devices import resolve_device
     from ..evaluation.layer_error import attach_layer_errors
     from ..evaluation.pipeline import evaluate_all
     from ..formats.output_dir import check_destination, write_text_atomic
 
+    resolve_device(args.device)  # a bad --device fails before any work
     for c in args.checkpoints:
         if not c.is_dir():
             raise QuantkitError(f"checkpoint {c} not found")
@@ -118,9 +129,10 @@ def _cmd_eval(args, progress: bool) -> None:
         window=args.window,
         measure_speed=not args.no_speed,
         check_baseline=not args.force,
+        device=args.device,
         progress=progress,
     )
-    attach_layer_errors(results, args.baseline, checkpoints, text=args.text, progress=progress)
+    attach_layer_errors(results, args.baseline, checkpoints, text=args.text, device=args.device, progress=progress)
     write_text_atomic(args.out, json.dumps(results, indent=2))
     log.info("wrote %s", args.out)
 

@@ -72,6 +72,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        metavar="DEVICE",
+        help="where models run: auto (a CUDA GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N "
+        "(default: %(default)s)",
+    )
+
+
 def _add_calibration(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument(
@@ -124,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-speed", action="store_true", help="skip speed measurements")
     _add_calibration(p)
+    _add_device(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -196,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     _add_calibration(p)
+    _add_device(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -206,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help=f"local model folder or '{DEFAULT_MODEL}'")
     p.add_argument("--out", type=Path, required=True, help="statistics file to write (.safetensors)")
     _add_calibration(p)
+    _add_device(p)
     _add_common(p)
 
     p = sub.add_parser(
@@ -234,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "meaningless)",
     )
     p.add_argument("--no-speed", action="store_true", help="skip speed measurements")
+    _add_device(p)
     _add_common(p)
 
     p = sub.add_parser(

@@ -97,9 +97,10 @@ def _materialize(
     read: Callable[[str], torch.Tensor],
     dtype: torch.dtype | None,
     skip: tuple[str, ...] = (),
+    device: torch.device | str = "cpu",
 ) -> None:
-    """Fill ``module``'s meta parameters and buffers from the source (floats cast to ``dtype``; None
-    keeps the checkpoint's), except those whose names start with one of ``skip``."""
+    """Fill ``module``'s meta parameters and buffers from the source onto ``device`` (floats cast to
+    ``dtype``; None keeps the checkpoint's), except those whose names start with one of ``skip``."""
     state = {}
     for name, t in module.state_dict(keep_vars=True).items():
         if t is None or not t.is_meta or name.startswith(skip):
@@ -114,7 +115,8 @@ def _materialize(
             raise QuantkitError(
                 f"{prefix}{name} has shape {list(src.shape)} in the checkpoint but {list(t.shape)} in the model"
             )
-        state[name] = src.to(dtype) if src.is_floating_point() and dtype is not None else src
+        cast = src.is_floating_point() and dtype is not None
+        state[name] = src.to(device=device, dtype=dtype if cast else src.dtype)
     if state:
         module.load_state_dict(state, strict=False, assign=True)
 
@@ -160,6 +162,7 @@ def quantize_layerwise(
     propagate: str = "quantized",
     fold_producers: bool = False,
     read_rows: Callable[[str, int, int], torch.Tensor] | None = None,
+    device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> nn.Module:
     """Quantize the float checkpoint behind ``read`` into ``model``'s skeleton, one decoder layer at a time.
@@ -183,6 +186,8 @@ def quantize_layerwise(
         read_rows: ``read_rows(name, start, stop)`` returns rows ``start:stop`` of a source tensor; with
             it an untied output projection stored int8 is quantized from blocks of rows as they are
             read, never whole in memory in float (it is as large as the embedding table).
+        device: where each layer is materialized, calibrated and quantized (``emit`` receives it
+            there); the calibration activations live there too.
 
     Returns:
         ``model``: its embeddings and other non-layer modules real (but an untied int8 input
@@ -214,8 +219,9 @@ def quantize_layerwise(
     skip = (f"{stack_name}.", *((head_prefix,) if head_prefix else ()))
     lookup = _module_prefix(model, inp) if inp is not None and type(inp) is nn.Embedding and calibrate else None
     if lookup is not None:
-        _materialize(inp, lookup, read, None)
-    _materialize(model, "", read, work_dtype, skip=skip)
+        _materialize(inp, lookup, read, None, device=device)
+    _materialize(model, "", read, work_dtype, skip=skip, device=device)
+    _move_real_tensors(model, device)  # the non-persistent buffers (rotary tables) built with the skeleton
     _retie(model)
 
     # 2. Each layer's inputs on the calibration samples; then the float parts in the serving dtype.
@@ -223,7 +229,7 @@ def quantize_layerwise(
     if calibrate:
         hook = inp.register_forward_hook(lambda _m, _a, out: out.float()) if lookup is not None else None
         try:
-            calls = _capture_inputs(model, stack, samples)
+            calls = _capture_inputs(model, stack, samples.to(device))
         finally:
             if hook is not None:
                 hook.remove()
@@ -244,11 +250,12 @@ def quantize_layerwise(
         layer, prefix = stack[i], f"{stack_name}.{i}."
         # Popped: once swapped out, the float modules must not stay alive through this dict.
         layer_targets = {n: targets.pop(n) for n in [n for n in targets if n.startswith(prefix)]}
-        _materialize(layer, prefix, read, work_dtype)
-        layer_stats = None if stats is None else {n: stats[n] for n in layer_targets if n in stats}
+        _materialize(layer, prefix, read, work_dtype, device=device)
+        layer_stats = None if stats is None else {n: stats[n].to(device) for n in layer_targets if n in stats}
         if calibrate:
             with recording_amax(layer_targets) as layer_stats:
                 _forward(layer, hidden, calls[i], update=propagate == "float")
+            layer_stats = {n: a.to(device) for n, a in layer_stats.items()}
         layer.to(dtype)
         check_stats(layer_targets, layer_stats, config)
         if fold_producers and layer_stats is not None:
@@ -277,8 +284,9 @@ def quantize_layerwise(
         blockwise = read_rows is not None and config.embeddings == "int8" and plan_embeddings(model)[1]
         if blockwise and type(out) is nn.Linear and out.bias is None:
             name = f"{head_prefix}weight"
-            return W8A16Linear.from_rows(tuple(out.weight.shape), lambda a, b: read_rows(name, a, b).to(dtype), dtype)
-        _materialize(out, head_prefix, read, dtype)
+            rows = lambda a, b: read_rows(name, a, b).to(device=device, dtype=dtype)  # noqa: E731
+            return W8A16Linear.from_rows(tuple(out.weight.shape), rows, dtype).to(device)
+        _materialize(out, head_prefix, read, dtype, device=device)
         return None
 
     head = None  # the float table must go as soon as finish() has swapped it out
@@ -295,6 +303,17 @@ def _forward(layer: nn.Module, hidden: list[torch.Tensor], calls: list[tuple[tup
         out = _output(layer(hidden[j], *args[1:], **kwargs))
         if update:
             hidden[j] = out
+
+
+def _move_real_tensors(model: nn.Module, device: torch.device | str) -> None:
+    """Move every parameter and buffer that is not on the meta device to ``device`` (``Module.to``
+    cannot: it refuses meta tensors)."""
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None and not t.is_meta and t.device != torch.device(device):
+                    moved = t.to(device)
+                    table[name] = nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved
 
 
 def _module_prefix(model: nn.Module, target: nn.Module) -> str:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..devices import resolve_device
 from ..formats.float_models import load_float
 from ..formats.native import load, read_record
 from ..qmath import sqnr_db
@@ -70,7 +71,7 @@ def attach_layer_errors(
     *,
     text: str | Path | None = None,
     tokens: int = DEFAULT_TOKENS,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Add ``layer_sqnr_db`` to each quantized row of ``results`` and the protocol as ``layer_error``.
@@ -78,6 +79,7 @@ def attach_layer_errors(
     The float model runs in fp32; each checkpoint in the dtype its row's perplexity was measured in.
     Returns ``results`` (modified in place).
     """
+    device = resolve_device(device)
     float_model, tokenizer, _ = load_float(baseline, dtype=torch.float32, device=device, progress=progress)
     ids = measure.eval_token_ids(tokenizer, text)[:tokens][None, :]
     rows = {r["name"]: r for r in results["rows"]}

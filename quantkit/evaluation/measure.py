@@ -187,9 +187,44 @@ def speed(
     }
 
 
+@torch.no_grad()
+def speed_cuda(
+    model: nn.Module, ids: torch.Tensor, *, prefill_tokens: int = 512, decode_tokens: int = 32, repeats: int = 3
+) -> dict[str, Any]:
+    """The figures of :func:`speed` on a CUDA model, measured as a GPU server runs it.
+
+    Eager ``generate()`` is launch-bound on a GPU (it would time Python, not the kernels), so decode
+    runs :class:`~quantkit.evaluation.fastgen.StaticDecoder`: a static KV cache and one CUDA-graph
+    replay per token after a ``DECODE_PROMPT_TOKENS`` prompt. Prefill is the same decoder's forward over a
+    ``prefill_tokens`` prompt. Peak memory is the CUDA allocator's peak while decoding (weights, KV cache,
+    activations). Medians of ``repeats`` runs after a warm-up, timed with CUDA events.
+    """
+    from . import fastgen
+
+    device = next(model.parameters()).device
+    prompt = ids[:prefill_tokens][None, :].to(device)
+    prefill = fastgen.time_prefill(model, prompt.shape[1], prompt=prompt, repeats=repeats)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    decode = fastgen.time_decode(
+        model, decode_tokens, prompt_len=DECODE_PROMPT_TOKENS, prompt=prompt[:, :DECODE_PROMPT_TOKENS], repeats=repeats
+    )
+    return {
+        "prefill_tokens": prompt.shape[1],
+        "prefill_tok_s": prefill.tokens_per_s,
+        "decode_tokens": decode_tokens,
+        "decode_tok_s": decode.tokens_per_s,
+        "method": decode.method,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+    }
+
+
 PEAK_MEMORY_METHOD = (
     "peak RSS (VmHWM) during generate() in a fresh process, reset after loading and a warm-up run, "
     "minus the RSS with libraries initialized before loading the weights"
+)
+PEAK_MEMORY_METHOD_CUDA = (
+    "peak of the CUDA allocator (max_memory_allocated) while decoding: weights, KV cache, activations"
 )
 
 

@@ -34,6 +34,7 @@ from ..config import (
 from ..core.calibration import DEFAULT_CALIBRATION, ActStats, load_stats, make_samples, read_stats, read_texts
 from ..core.quantize import calibrate
 from ..core.sequential import Emit, quantize_layerwise
+from ..devices import device_name, resolve_device
 from ..errors import QuantkitError
 from ..formats import compressed_tensors, native
 from ..formats.compressed_tensors import check_exportable
@@ -64,6 +65,7 @@ def load_calibrated(
     calibration: str | Path | None = None,
     n_samples: int = DEFAULT_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> tuple[nn.Module, Any, Path, ActStats | None]:
     """``(model, tokenizer, path, stats)``: a float model in fp32 and its activation statistics.
@@ -74,7 +76,8 @@ def load_calibrated(
     for the layers ``config`` (by default ``QuantConfig()``) quantizes. What ``quantkit calibrate``
     runs; quantization itself calibrates layer by layer (:func:`quantize_to_disk`).
     """
-    float_model, tokenizer, path = load_float(model, dtype=torch.float32, progress=progress)
+    device = resolve_device(device)
+    float_model, tokenizer, path = load_float(model, dtype=torch.float32, device=device, progress=progress)
     if config is not None and not config.needs_calibration:
         stats = None
     elif isinstance(stats, (str, Path)):
@@ -100,6 +103,7 @@ def quantize_to_disk(
     overwrite: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     propagate: str = "quantized",
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> Path:
     """Quantize a float model into a checkpoint at ``out``, one decoder layer at a time.
@@ -117,6 +121,8 @@ def quantize_to_disk(
         propagate: ``"quantized"``: each layer is calibrated on the outputs of the quantized layers
             before it (what it will see when served); ``"float"``: on the float model's, as
             :func:`quantkit.calibrate` on the whole model does.
+        device: where each layer is calibrated and quantized (``"auto"``: CUDA when present); the
+            model is read from and written to disk layer by layer whatever the device.
 
     An existing ``out`` (without ``overwrite``), a bad shard size, a model that is not a float causal
     LM and one that ``fmt`` cannot hold fail before the slow work. Returns ``out``.
@@ -124,6 +130,7 @@ def quantize_to_disk(
     if fmt not in FORMATS:
         raise QuantkitError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
     max_shard_bytes = parse_size(max_shard_size)
+    device = resolve_device(device)
     check_output_dir(out, overwrite)
     measure.return_large_blocks()  # freed layers go back to the OS (see there): before any thread allocates
     skeleton, tokenizer, path = load_skeleton(model, progress=progress)
@@ -141,7 +148,9 @@ def quantize_to_disk(
         if config.needs_calibration and stats is None:
             samples = make_samples(tokenizer, read_texts(calibration or DEFAULT_CALIBRATION), n_samples, seq_len)
             measure.release_free_heap()  # what tokenizing the whole text allocated
-            log.info("calibrating on %d samples x %d tokens", samples.shape[0], samples.shape[1])
+            log.info(
+                "calibrating on %d samples x %d tokens on %s", samples.shape[0], samples.shape[1], device_name(device)
+            )
         serving = native_dtype(path) if dtype == "auto" else getattr(torch, dtype)
         fmt_module = compressed_tensors if export else native
         with atomic_output_dir(out, overwrite) as tmp, ShardWriter(tmp, max_shard_bytes) as writer:
@@ -155,6 +164,7 @@ def quantize_to_disk(
                 emit=_trimming(fmt_module.tensor_emitter(writer)),
                 propagate=propagate,
                 read_rows=_finite(reader.get_rows),
+                device=device,
                 fold_producers=export
                 and config.scheme == "w8a8"
                 and config.smoothing == "smoothquant"
@@ -229,7 +239,7 @@ def evaluate_all(
     ppl_dtype: str = "float32",
     speed_dtypes: tuple[str, ...] = ("bfloat16", "float32"),
     measure_speed: bool = True,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     check_baseline: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -242,7 +252,11 @@ def evaluate_all(
     been made from ``baseline`` (the fingerprint its record holds; checkpoints without one are
     accepted with a warning): a drift against another model means nothing. A perplexity that is not
     a finite number is an error, never a figure in the results.
+
+    ``device`` (``"auto"``, ``"cpu"``, ``"cuda:0"``, ...) runs everything there; on CUDA speed is
+    measured with static-cache CUDA-graph decoding (:func:`quantkit.evaluation.measure.speed_cuda`).
     """
+    device = resolve_device(device)
     records = {name: read_record(path) for name, path in checkpoints.items()}
     base_path = resolve(baseline, progress=progress)
     with CheckpointReader(base_path) as reader:
@@ -269,7 +283,7 @@ def evaluate_all(
         row["weight_bytes"] = measure.weight_bytes(model)
         row["checkpoint_bytes"] = measure.dir_bytes(base_path)
         if measure_speed and dtype_name in speed_dtypes:
-            row["speed"] = measure.speed(model, ids)
+            row["speed"] = _speed(model, ids, device)
             _add_peak_memory(row["speed"], base_path, "float", dtype_name, ids, device)
         rows.append(row)
         del model
@@ -291,7 +305,7 @@ def evaluate_all(
                 del model
                 model = load(path, dtype=getattr(torch, speed_dtypes[0]), device=device)
             row["speed_dtype"] = speed_dtypes[0]
-            row["speed"] = measure.speed(model, ids)
+            row["speed"] = _speed(model, ids, device)
             _add_peak_memory(row["speed"], path, "quantized", speed_dtypes[0], ids, device)
         row["weight_bytes"] = measure.weight_bytes(model)
         row["checkpoint_bytes"] = measure.dir_bytes(path)
@@ -301,7 +315,7 @@ def evaluate_all(
 
     return {
         "schema": "quantkit.eval/1",
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command_line(),
         "environment": measure.environment(),
         "protocol": {
             "text": str(Path(text or measure.DEFAULT_EVAL_TEXT).name),
@@ -310,8 +324,12 @@ def evaluate_all(
             "tokens_scored": int(batch.shape[0] * (batch.shape[1] - 1)),
             "perplexity_dtype": ppl_dtype,
             "speed_dtypes": list(speed_dtypes),
-            "peak_memory": measure.PEAK_MEMORY_METHOD if measure_speed and device == "cpu" else None,
-            "device": device,
+            "peak_memory": None
+            if not measure_speed
+            else measure.PEAK_MEMORY_METHOD_CUDA
+            if device.type == "cuda"
+            else measure.PEAK_MEMORY_METHOD,
+            "device": device_name(device),
         },
         "baseline": f"float ({ppl_dtype})",
         "rows": rows,
@@ -328,12 +346,26 @@ def _finite_perplexity(model: nn.Module, batch: torch.Tensor, name: str, progres
     return ppl
 
 
-def _add_peak_memory(speed: dict[str, Any], path: Path, kind: str, dtype: str, ids: torch.Tensor, device: str) -> None:
+def command_line() -> str:
+    """The command that is running, as a user would type it (``quantkit eval ...``, not ``.../__main__.py``)."""
+    argv = list(sys.argv) or ["quantkit"]
+    if Path(argv[0]).name in ("quantkit", "__main__.py", "cli.py"):
+        argv[0] = "quantkit"
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _speed(model: nn.Module, ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    return measure.speed_cuda(model, ids) if device.type == "cuda" else measure.speed(model, ids)
+
+
+def _add_peak_memory(
+    speed: dict[str, Any], path: Path, kind: str, dtype: str, ids: torch.Tensor, device: torch.device
+) -> None:
     """Add ``peak_memory_bytes`` (see :func:`quantkit.evaluation.measure.peak_memory`) to a row's speed figures.
 
     CPU only: the figure is the process's resident memory, which does not see GPU memory.
     """
-    if device != "cpu":
+    if device.type != "cpu":  # speed_cuda measured the GPU's
         return
     mem = measure.peak_memory(
         path, kind=kind, dtype=dtype, prompt=ids[: measure.DECODE_PROMPT_TOKENS], decode_tokens=speed["decode_tokens"]
@@ -352,14 +384,17 @@ def run_default_job(
     n_samples: int = DEFAULT_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
     measure_speed: bool = True,
+    device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write every default variant, evaluate them all against the float model, write the report."""
+    """Write every default variant, evaluate them all against the float model, write the report
+    (all of it on ``device``)."""
     from .layer_error import attach_layer_errors
     from .report_html import write_html
     from .report_md import write_markdown
 
     t0 = time.time()
+    device = resolve_device(device)
     check_output_dir(out, overwrite)
     path = resolve(model, progress=progress)
     check_destination(out, source=path)
@@ -374,10 +409,13 @@ def run_default_job(
                 n_samples=n_samples,
                 seq_len=seq_len,
                 dtype="bfloat16",
+                device=device,
                 progress=progress,
             )
             gc.collect()
-        results = evaluate_all(path, checkpoints, n_windows=n_windows, measure_speed=measure_speed, progress=progress)
+        results = evaluate_all(
+            path, checkpoints, n_windows=n_windows, measure_speed=measure_speed, device=device, progress=progress
+        )
         # Paths inside the results point at the final folder, not the temporary one.
         for row in results["rows"]:
             if "path" in row:
@@ -387,7 +425,9 @@ def run_default_job(
             "samples": n_samples,
             "seq_len": seq_len,
         }
-        attach_layer_errors(results, path, checkpoints, progress=progress)  # per-layer plot of report.html
+        attach_layer_errors(
+            results, path, checkpoints, device=device, progress=progress
+        )  # per-layer plot of report.html
         results["wall_seconds"] = round(time.time() - t0, 1)
         (tmp / "results.json").write_text(json.dumps(results, indent=2))
         write_markdown([results], tmp / "report.md")

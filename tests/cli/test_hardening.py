@@ -332,3 +332,12 @@ def test_report_never_overwrites_its_inputs(tmp_path, capsys):
         assert main(["report", str(f), *out]) == 2
         _one_line_error(capsys, "overwrite")
     assert f.read_text() == "{}"
+
+
+def test_eval_never_writes_into_a_checkpoint(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text("{}")
+    assert main(["eval", str(ck), "--baseline", "b", "--out", str(ck / "config.json")]) == 2
+    _one_line_error(capsys, "inside checkpoint")
+    assert (ck / "config.json").read_text() == "{}"
