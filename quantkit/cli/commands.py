@@ -68,15 +68,14 @@ def _cmd_quantize(args, progress: bool) -> None:
 def _cmd_calibrate(args, progress: bool) -> None:
     from ..core.calibration import save_stats
     from ..devices import resolve_device
-    from ..evaluation.pipeline import load_calibrated
+    from ..evaluation.pipeline import calibrate_layerwise
     from ..formats.output_dir import check_destination
-    from ..formats.safetensors_io import CheckpointReader
 
     resolve_device(args.device)  # a bad --device fails before any work
     if args.out.exists():
         raise QuantkitError(f"{args.out} already exists; choose another path")
     check_destination(args.out)
-    _, _, path, stats = load_calibrated(
+    path, stats, fingerprint = calibrate_layerwise(
         args.model,
         calibration=args.calibration,
         n_samples=args.samples,
@@ -84,14 +83,8 @@ def _cmd_calibrate(args, progress: bool) -> None:
         device=args.device,
         progress=progress,
     )
-    with CheckpointReader(path) as reader:
-        fingerprint = reader.fingerprint()
-    metadata = {
-        "model": str(path),
-        "fingerprint": fingerprint,
-        "samples": str(args.samples),
-        "seq_len": str(args.seq_len),
-    }
+    metadata = {"model": str(path), "fingerprint": fingerprint}
+    metadata.update(samples=str(args.samples), seq_len=str(args.seq_len))
     tmp = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")
     try:
         save_stats(stats, tmp, metadata)

@@ -214,25 +214,12 @@ def quantize_layerwise(
     # 1. Everything outside the stack except the output projection (read last). A plain embedding
     # table is kept in the checkpoint's dtype and its rows cast to fp32 as they are looked up: the
     # same fp32 values as an fp32 table (a lookup copies values), at half the memory for bf16.
-    inp, head = embeddings_of(model)
+    head = embeddings_of(model)[1]
     head_prefix = _module_prefix(model, head) if head is not None else None
-    skip = (f"{stack_name}.", *((head_prefix,) if head_prefix else ()))
-    lookup = _module_prefix(model, inp) if inp is not None and type(inp) is nn.Embedding and calibrate else None
-    if lookup is not None:
-        _materialize(inp, lookup, read, None, device=device)
-    _materialize(model, "", read, work_dtype, skip=skip, device=device)
-    _move_real_tensors(model, device)  # the non-persistent buffers (rotary tables) built with the skeleton
-    _retie(model)
+    _materialize_outside(model, read, stack_name, head_prefix, work_dtype, device, lookup=calibrate)
 
     # 2. Each layer's inputs on the calibration samples; then the float parts in the serving dtype.
-    calls = None
-    if calibrate:
-        hook = inp.register_forward_hook(lambda _m, _a, out: out.float()) if lookup is not None else None
-        try:
-            calls = _capture_inputs(model, stack, samples.to(device))
-        finally:
-            if hook is not None:
-                hook.remove()
+    calls = _capture_fp32(model, stack, samples, device) if calibrate else None
     hidden = [args[0] for args, _ in calls[0]] if calls else None
     model.to(dtype)  # the layers are still on the meta device
     if config.embeddings == "int8" and head is not None and head.weight.is_meta:  # untied: convert it now
@@ -242,7 +229,6 @@ def quantize_layerwise(
             name = quantize_input_embedding(model)
             emit(f"{name}.", model.get_submodule(name))
             model.get_submodule(name).to("meta")
-    inp = None
 
     # 3. Layer by layer.
     bar = tqdm(range(len(stack)), desc=f"Quantizing {config.label}", unit="layer", disable=not progress)
@@ -294,6 +280,79 @@ def quantize_layerwise(
     emit("", model)
     log.info("quantized %d layers in %.1f s", len(stack), time.perf_counter() - t0)
     return model
+
+
+@torch.no_grad()
+def collect_stats_layerwise(
+    model: nn.Module,
+    read: Callable[[str], torch.Tensor],
+    config: QuantConfig,
+    samples: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> ActStats:
+    """The activation statistics :func:`quantkit.calibrate` records on the float model in fp32, for
+    the layers ``config`` quantizes, with one decoder layer in memory at a time (what ``quantkit
+    calibrate`` saves): the same values bit for bit. ``model`` is a skeleton, as for
+    :func:`quantize_layerwise`; it is left with its layers freed."""
+    model.eval()
+    targets = select_targets(model, config)
+    stack_name, stack = decoder_stack(model)
+    outside = [n for n in targets if not n.startswith(f"{stack_name}.")]
+    if outside:
+        raise QuantkitError(f"layer-by-layer calibration covers the decoder layers only, not {outside[0]}")
+    head = embeddings_of(model)[1]
+    head_prefix = _module_prefix(model, head) if head is not None else None
+    _materialize_outside(model, read, stack_name, head_prefix, torch.float32, device, lookup=True)
+    calls = _capture_fp32(model, stack, samples, device)
+    hidden = [args[0] for args, _ in calls[0]]
+    stats: ActStats = {}
+    for i in tqdm(range(len(stack)), desc="Calibrating", unit="layer", disable=not progress):
+        layer, prefix = stack[i], f"{stack_name}.{i}."
+        _materialize(layer, prefix, read, torch.float32, device=device)
+        with recording_amax({n: m for n, m in targets.items() if n.startswith(prefix)}) as layer_stats:
+            _forward(layer, hidden, calls[i], update=True)
+        stats.update(layer_stats)
+        calls[i] = None
+        layer.to("meta")
+    return stats
+
+
+def _materialize_outside(
+    model: nn.Module,
+    read: Callable[[str], torch.Tensor],
+    stack_name: str,
+    head_prefix: str | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    lookup: bool,
+) -> None:
+    """Everything outside the decoder stack except the output projection. With ``lookup``, a plain
+    embedding table is kept in the checkpoint's dtype and its rows cast to fp32 as they are looked up
+    (:func:`_capture_fp32`): the same fp32 values as an fp32 table, at half the memory for bf16."""
+    inp = embeddings_of(model)[0]
+    skip = (f"{stack_name}.", *((head_prefix,) if head_prefix else ()))
+    if lookup and inp is not None and type(inp) is nn.Embedding:
+        _materialize(inp, _module_prefix(model, inp), read, None, device=device)
+    _materialize(model, "", read, dtype, skip=skip, device=device)
+    _move_real_tensors(model, device)  # the non-persistent buffers (rotary tables) built with the skeleton
+    _retie(model)
+
+
+def _capture_fp32(
+    model: nn.Module, stack: nn.ModuleList, samples: torch.Tensor, device: torch.device | str
+) -> list[list[tuple[tuple, dict]]]:
+    """:func:`_capture_inputs`, with a plain embedding's looked-up rows cast to fp32."""
+    inp = embeddings_of(model)[0]
+    plain = inp is not None and type(inp) is nn.Embedding and inp.weight.dtype != torch.float32
+    hook = inp.register_forward_hook(lambda _m, _a, out: out.float()) if plain else None
+    try:
+        return _capture_inputs(model, stack, samples.to(device))
+    finally:
+        if hook is not None:
+            hook.remove()
 
 
 def _forward(layer: nn.Module, hidden: list[torch.Tensor], calls: list[tuple[tuple, dict]], *, update: bool) -> None:

@@ -31,9 +31,8 @@ from ..config import (
     FORMATS,
     QuantConfig,
 )
-from ..core.calibration import DEFAULT_CALIBRATION, ActStats, load_stats, make_samples, read_stats, read_texts
-from ..core.quantize import calibrate
-from ..core.sequential import Emit, quantize_layerwise
+from ..core.calibration import DEFAULT_CALIBRATION, ActStats, make_samples, read_stats, read_texts
+from ..core.sequential import Emit, collect_stats_layerwise, quantize_layerwise
 from ..devices import device_name, resolve_device
 from ..errors import QuantkitError
 from ..formats import compressed_tensors, native
@@ -57,36 +56,31 @@ DEFAULT_VARIANTS: dict[str, QuantConfig] = {
 }
 
 
-def load_calibrated(
+def calibrate_layerwise(
     model: str | Path,
     config: QuantConfig | None = None,
     *,
-    stats: str | Path | ActStats | None = None,
     calibration: str | Path | None = None,
     n_samples: int = DEFAULT_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
     device: str | torch.device = "cpu",
     progress: bool = True,
-) -> tuple[nn.Module, Any, Path, ActStats | None]:
-    """``(model, tokenizer, path, stats)``: a float model in fp32 and its activation statistics.
-
-    The model is loaded in fp32 so that the statistics are not rounded to bf16; cast it to the
-    serving dtype before quantizing. ``stats`` comes back None where ``config`` needs none, else as
-    passed (a file written by ``quantkit calibrate`` is read), else recorded on ``calibration`` text
-    for the layers ``config`` (by default ``QuantConfig()``) quantizes. What ``quantkit calibrate``
-    runs; quantization itself calibrates layer by layer (:func:`quantize_to_disk`).
-    """
+) -> tuple[Path, ActStats, str]:
+    """``(path, stats, fingerprint)``: the activation statistics of the float model at ``model`` for the
+    layers ``config`` (by default ``QuantConfig()``) quantizes, recorded in fp32 on ``calibration`` text
+    one decoder layer at a time (:func:`quantkit.core.sequential.collect_stats_layerwise`), and the
+    fingerprint of the model they belong to. What ``quantkit calibrate`` saves."""
     device = resolve_device(device)
-    float_model, tokenizer, path = load_float(model, dtype=torch.float32, device=device, progress=progress)
-    if config is not None and not config.needs_calibration:
-        stats = None
-    elif isinstance(stats, (str, Path)):
-        stats = load_stats(stats)
-    elif stats is None:
-        stats = calibrate(
-            float_model, tokenizer, calibration, config, n_samples=n_samples, seq_len=seq_len, progress=progress
+    skeleton, tokenizer, path = load_skeleton(model, progress=progress)
+    with CheckpointReader(path) as reader:
+        check_weights_present(skeleton, reader.keys())
+        fingerprint = reader.fingerprint()
+        samples = make_samples(tokenizer, read_texts(calibration or DEFAULT_CALIBRATION), n_samples, seq_len)
+        measure.return_large_blocks()
+        stats = collect_stats_layerwise(
+            skeleton, _finite(reader.get), config or QuantConfig(), samples, device=device, progress=progress
         )
-    return float_model, tokenizer, path, stats
+    return path, stats, fingerprint
 
 
 def quantize_to_disk(

@@ -13,7 +13,7 @@ from tiny_models import TINY_CONFIGS, make_tiny
 import quantkit
 from quantkit import QuantConfig, QuantkitError
 from quantkit.core.calibration import collect_stats
-from quantkit.core.sequential import decoder_stack, quantize_layerwise
+from quantkit.core.sequential import collect_stats_layerwise, decoder_stack, quantize_layerwise
 
 CONFIGS = {
     "w8a8-sq": QuantConfig(scheme="w8a8"),
@@ -170,3 +170,17 @@ def test_every_tiny_architecture_has_a_decoder_stack():
     for arch in TINY_CONFIGS:
         _, stack = decoder_stack(make_tiny(arch))
         assert len(stack) == 2, arch
+
+
+def test_layerwise_calibration_equals_whole_model_calibration_bit_for_bit(tiny_arch):
+    """What ``quantkit calibrate`` saves, one layer in memory at a time: the whole model's statistics."""
+    config = QuantConfig()
+    torch.manual_seed(1)
+    samples = torch.randint(0, 256, (3, 12))
+    whole = make_tiny(tiny_arch)
+    expected = collect_stats(whole, samples, quantkit.select_targets(whole, config), progress=False)
+    state = {k: v.clone() for k, v in make_tiny(tiny_arch).state_dict().items()}
+    stats = collect_stats_layerwise(_skeleton(whole.config), state.__getitem__, config, samples, progress=False)
+    assert stats.keys() == expected.keys()
+    for name, amax in expected.items():
+        assert torch.equal(stats[name], amax), name
