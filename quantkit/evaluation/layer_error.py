@@ -81,7 +81,7 @@ def attach_layer_errors(
     """
     device = resolve_device(device)
     float_model, tokenizer, _ = load_float(baseline, dtype=torch.float32, device=device, progress=progress)
-    ids = measure.eval_token_ids(tokenizer, text)[:tokens][None, :]
+    ids = measure.windows(measure.eval_token_ids(tokenizer, text), tokens, 1, bos=measure.bos_id(tokenizer))
     rows = {r["name"]: r for r in results["rows"]}
     for name, path in tqdm(checkpoints.items(), desc="Per-layer error", unit="model", disable=not progress):
         row = rows.get(name)

@@ -6,6 +6,8 @@ Perplexity protocol (fixed, so numbers compare across runs and tools):
   (default 512); ``n_windows`` of them (default 32), evenly spaced over the book, are scored. Each
   window is an independent sequence: the loss is the mean next-token negative log-likelihood
   over its ``window - 1`` predicted tokens, and perplexity is ``exp`` of the mean over all windows.
+  A model whose tokenizer adds a BOS token (Llama-2, Gemma) gets it as the first token of every
+  window, followed by ``window - 1`` tokens of text, as lm-eval does (:func:`windows`).
 
 Speed protocol: prefill is one forward pass over a ``prefill_tokens`` prompt as ``generate()``
 runs it (tokens/s = prompt length / time): it fills the KV cache and computes the logits of the last
@@ -72,16 +74,40 @@ def eval_token_ids(tokenizer, text_path: str | Path | None = None) -> torch.Tens
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
 
+def bos_id(tokenizer) -> int | None:
+    """The BOS token the tokenizer puts before every text it encodes (Llama-2, Gemma), else None
+    (SmolLM2, Llama-3's base tokenizers that add nothing, GPT-2)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True).input_ids
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    return bos if len(with_special) > len(plain) and with_special[0] == bos else None
+
+
 def windows(
-    ids: torch.Tensor, window: int = DEFAULT_EVAL_WINDOW, n_windows: int = DEFAULT_EVAL_WINDOWS
+    ids: torch.Tensor,
+    window: int = DEFAULT_EVAL_WINDOW,
+    n_windows: int = DEFAULT_EVAL_WINDOWS,
+    bos: int | None = None,
 ) -> torch.Tensor:
-    """``[n, window]`` evenly spaced non-overlapping windows (the protocol above)."""
-    total = len(ids) // window
+    """``[n, window]`` evenly spaced non-overlapping windows (the protocol above).
+
+    With ``bos`` (:func:`bos_id`), each window is that token and ``window - 1`` tokens of text, as
+    lm-eval scores such models: a model trained with a BOS token is far worse without one (about
+    2.5x the perplexity), which would drown the drift being measured. The number of predicted tokens
+    is ``window - 1`` either way.
+    """
+    step = window - 1 if bos is not None else window
+    total = len(ids) // step
     if total == 0:
         raise QuantkitError(f"evaluation text has {len(ids)} tokens, fewer than one {window}-token window")
     n = min(n_windows, total)
-    starts = torch.linspace(0, total - 1, n).round().long() * window
-    return torch.stack([ids[s : s + window] for s in starts.tolist()])
+    starts = torch.linspace(0, total - 1, n).round().long() * step
+    rows = [ids[s : s + step] for s in starts.tolist()]
+    if bos is not None:
+        rows = [torch.cat([torch.tensor([bos], dtype=ids.dtype), r]) for r in rows]
+    return torch.stack(rows)
 
 
 @torch.no_grad()

@@ -266,12 +266,13 @@ def evaluate_all(
             )
     rows: list[dict[str, Any]] = []
     tokenizer = None
-    batch = ids = None
+    batch = ids = bos = None
     for dtype_name in dict.fromkeys((ppl_dtype, *speed_dtypes)):
         model, tokenizer, base_path = load_float(baseline, dtype=getattr(torch, dtype_name), device=device)
         if batch is None:
             ids = measure.eval_token_ids(tokenizer, text)
-            batch = measure.windows(ids, window, n_windows)
+            bos = measure.bos_id(tokenizer)
+            batch = measure.windows(ids, window, n_windows, bos=bos)
         row: dict[str, Any] = {"name": f"float ({dtype_name})", "kind": "float", "dtype": dtype_name}
         row["perplexity"] = _finite_perplexity(model, batch, row["name"], progress)
         row["weight_bytes"] = measure.weight_bytes(model)
@@ -316,6 +317,7 @@ def evaluate_all(
             "window": window,
             "windows": int(batch.shape[0]),
             "tokens_scored": int(batch.shape[0] * (batch.shape[1] - 1)),
+            "bos_token": bos,
             "perplexity_dtype": ppl_dtype,
             "speed_dtypes": list(speed_dtypes),
             "peak_memory": None
