@@ -153,8 +153,8 @@ def check_causal_lm(path: Path):
     refuse_remote_code(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (ValueError, KeyError, OSError, TypeError, json.JSONDecodeError) as e:
-        raise QuantkitError(f"cannot read the config of {path}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # any failure to parse a folder's config.json is a bad config.json
+        raise QuantkitError(f"cannot read the config of {path}: {_first_line(e)}; fix its config.json") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise QuantkitError(
             f"{path} is a {config.model_type!r} model, which is not a causal language model; "
@@ -215,7 +215,18 @@ def load_skeleton(model: str | Path, *, progress: bool = True):
         raise QuantkitError(f"{path} is already quantized; quantize a float model")
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return skeleton.eval(), AutoTokenizer.from_pretrained(path, trust_remote_code=False), path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # missing or damaged tokenizer files
+        raise QuantkitError(
+            f"cannot load the tokenizer of {path} ({_first_line(e)}); the folder needs its tokenizer files "
+            "(tokenizer.json, or tokenizer.model and tokenizer_config.json)"
+        ) from None
+    return skeleton.eval(), tokenizer, path
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].strip().rstrip(":")
 
 
 def native_dtype(path: Path) -> torch.dtype:

@@ -178,6 +178,11 @@ class CheckpointReader:
             self._infos = {name: (single, t) for name, t in read_header(single).items()}
         elif index.is_file():
             self._infos = _read_index(index)
+        elif any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")) or any(self.folder.glob("*.pth")):
+            raise QuantkitError(
+                f"{self.folder} holds PyTorch pickle weights (.bin/.pt) only; quantkit reads safetensors and never "
+                "unpickles (loading a pickle can run code): convert the folder to safetensors first"
+            )
         else:
             raise QuantkitError(f"{self.folder} has no {SINGLE_NAME} or {INDEX_NAME}; the checkpoint is incomplete")
 

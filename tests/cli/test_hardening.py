@@ -341,3 +341,20 @@ def test_eval_never_writes_into_a_checkpoint(tmp_path, capsys):
     assert main(["eval", str(ck), "--baseline", "b", "--out", str(ck / "config.json")]) == 2
     _one_line_error(capsys, "inside checkpoint")
     assert (ck / "config.json").read_text() == "{}"
+
+
+def test_pickle_only_model_and_missing_tokenizer_are_refused(tmp_path, model_copy, capsys):
+    (model_copy / "model.safetensors").rename(model_copy / "pytorch_model.bin")  # a pickle is never opened
+    assert _quantize(model_copy, tmp_path / "out") == 2
+    _one_line_error(capsys, "pickle", "safetensors")
+    (model_copy / "pytorch_model.bin").rename(model_copy / "model.safetensors")
+    (model_copy / "tokenizer.json").unlink()
+    (model_copy / "tokenizer_config.json").unlink()
+    assert _quantize(model_copy, tmp_path / "out") == 2
+    _one_line_error(capsys, "tokenizer")
+
+
+def test_config_with_a_field_of_the_wrong_type_is_one_line(tmp_path, model_copy, capsys):
+    _edit_config(model_copy, lambda c: c.update(hidden_size="abc"))
+    assert _quantize(model_copy, tmp_path / "out") == 2
+    _one_line_error(capsys, "config")
