@@ -80,7 +80,11 @@ def all_finite(t: torch.Tensor, block: int = 2**22) -> bool:
     """Whether every value of ``t`` is finite, checked ``block`` values at a time: the check of a
     large table never allocates a mask of its size."""
     flat = t.detach().reshape(-1)
-    return all(bool(torch.isfinite(flat[i : i + block]).all()) for i in range(0, flat.numel(), block))
+    upcast = flat.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # e.g. float8
+    return all(
+        bool(torch.isfinite(flat[i : i + block].float() if upcast else flat[i : i + block]).all())
+        for i in range(0, flat.numel(), block)
+    )
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

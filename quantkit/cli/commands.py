@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 from ..config import QuantConfig
 from ..errors import QuantkitError
@@ -75,6 +76,10 @@ def _cmd_calibrate(args, progress: bool) -> None:
     if args.out.exists():
         raise QuantkitError(f"{args.out} already exists; choose another path")
     check_destination(args.out)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QuantkitError(f"cannot create {args.out.parent}: {e.strerror}") from None
     path, stats, fingerprint = calibrate_layerwise(
         args.model,
         calibration=args.calibration,
@@ -89,8 +94,10 @@ def _cmd_calibrate(args, progress: bool) -> None:
     try:
         save_stats(stats, tmp, metadata)
         tmp.rename(args.out)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, Exception) and not isinstance(e, (QuantkitError, OSError)):  # safetensors' own errors
+            raise QuantkitError(f"cannot write {args.out}: {str(e).strip().splitlines()[0]}") from None
         raise
     log.info("wrote statistics for %d layers to %s", len(stats), args.out)
 
@@ -110,9 +117,15 @@ def _cmd_eval(args, progress: bool) -> None:
         raise QuantkitError("two checkpoints have the same folder name; their results would be confused")
     if args.out.is_dir():
         raise QuantkitError(f"--out {args.out} is a folder; give a .json file name")
+    target = args.out.resolve()
     for c in args.checkpoints:
-        if c.resolve() in args.out.resolve().parents:
+        if c.resolve() in target.parents:
             raise QuantkitError(f"--out {args.out} is inside checkpoint {c}; write the results elsewhere")
+    baseline = Path(args.baseline)
+    if baseline.is_dir() and baseline.resolve() in target.parents:
+        raise QuantkitError(f"--out {args.out} is inside the baseline model {baseline}; write the results elsewhere")
+    if args.text is not None and args.text.resolve() == target:
+        raise QuantkitError(f"--out {args.out} is the evaluation text; write the results elsewhere")
     check_destination(args.out)
     results = evaluate_all(
         args.baseline,

@@ -202,7 +202,8 @@ def finish(
         read_output()
         embedding_modules = {}
     _untie_if_quantized(model)
-    record = QuantRecord(config, modules=modules, **embedding_modules)
+    pre_scaled = tuple(m for m in modules if getattr(model.get_submodule(m), "smooth_inv", None) is not None)
+    record = QuantRecord(config, modules=modules, pre_scaled=pre_scaled, **embedding_modules)
     model.config.quantization_config = record.to_dict()
     return model
 

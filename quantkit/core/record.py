@@ -25,8 +25,15 @@ FORMAT_VERSION = 2
 QUANT_METHOD = "quantkit"
 
 # Fields of the block that belong to the record, not to the QuantConfig; introduced in format 2
-# except ``modules``. ``source_fingerprint`` is optional (absent from older checkpoints).
-_RECORD_FIELDS = ("modules", "input_embedding", "output_embedding", "tied_embeddings", "source_fingerprint")
+# except ``modules``. ``source_fingerprint`` and ``pre_scaled`` are optional (absent from older checkpoints).
+_RECORD_FIELDS = (
+    "modules",
+    "input_embedding",
+    "output_embedding",
+    "tied_embeddings",
+    "source_fingerprint",
+    "pre_scaled",
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,8 @@ class QuantRecord:
         input_embedding: the :class:`~quantkit.core.modules.Int8Embedding`, ``""`` if float.
         output_embedding: the int8 ``lm_head`` (weight-only whatever the scheme), ``""`` if none.
         tied_embeddings: the two share one int8 table (stored once, under the input embedding).
+        pre_scaled: the layers among ``modules`` that carry a run-time SmoothQuant pre-scale
+            (``smooth_inv``), so that a checkpoint missing one is refused; None where unrecorded.
         source_fingerprint: :meth:`~quantkit.formats.safetensors_io.CheckpointReader.fingerprint` of
             the float checkpoint it was made from (``quantkit quantize`` records it; ``""`` if
             unknown), so that ``quantkit eval`` can refuse a baseline that is another model.
@@ -51,6 +60,7 @@ class QuantRecord:
     output_embedding: str = ""
     tied_embeddings: bool = False
     source_fingerprint: str = ""
+    pre_scaled: tuple[str, ...] | None = None
     tool_version: str = field(default=__version__, compare=False)
 
     def __post_init__(self) -> None:
@@ -63,6 +73,10 @@ class QuantRecord:
                 raise QuantkitError(f"quantization_config {name!r} must be a module name or empty")
         if not isinstance(self.tied_embeddings, bool):
             raise QuantkitError("quantization_config 'tied_embeddings' must be true or false")
+        if self.pre_scaled is not None:
+            if not isinstance(self.pre_scaled, (list, tuple)) or not all(m in modules for m in self.pre_scaled):
+                raise QuantkitError("quantization_config 'pre_scaled' must list quantized modules")
+            object.__setattr__(self, "pre_scaled", tuple(self.pre_scaled))
         if not isinstance(self.source_fingerprint, str):
             raise QuantkitError("quantization_config 'source_fingerprint' must be a string")
         if self.tied_embeddings and not (self.input_embedding and self.output_embedding):
@@ -95,6 +109,7 @@ class QuantRecord:
             "input_embedding": self.input_embedding,
             "output_embedding": self.output_embedding,
             "tied_embeddings": self.tied_embeddings,
+            **({"pre_scaled": list(self.pre_scaled)} if self.pre_scaled is not None else {}),
             **({"source_fingerprint": self.source_fingerprint} if self.source_fingerprint else {}),
         }
 

@@ -42,6 +42,7 @@ from ..formats.native import load, read_record
 from ..formats.output_dir import atomic_output_dir, check_destination, check_output_dir
 from ..formats.safetensors_io import CheckpointReader
 from ..formats.shard_writer import ShardWriter, parse_size
+from ..formats.validate import raise_problems
 from ..qmath import all_finite
 from . import measure
 
@@ -204,7 +205,9 @@ def _stats_for(file: str | Path, path: Path, fingerprint: str) -> ActStats:
     """Statistics from ``quantkit calibrate``, refused if they were recorded on another model."""
     stats, metadata = read_stats(file)
     recorded = metadata.get("fingerprint")
-    if recorded and recorded != fingerprint:
+    if not recorded:
+        log.warning("statistics %s do not record the model they came from; cannot check they are this one's", file)
+    elif recorded != fingerprint:
         raise QuantkitError(
             f"statistics {file} were recorded on another model ({metadata.get('model', '?')}), not {path}; "
             "recalibrate with quantkit calibrate"
@@ -252,6 +255,8 @@ def evaluate_all(
     """
     device = resolve_device(device)
     records = {name: read_record(path) for name, path in checkpoints.items()}
+    for path in checkpoints.values():  # what loading would refuse, refused before the baseline's slow work
+        raise_problems(path, native.checkpoint_problems(path))
     base_path = resolve(baseline, progress=progress)
     with CheckpointReader(base_path) as reader:
         base_fingerprint = reader.fingerprint()

@@ -276,7 +276,9 @@ def swap_in_empty_modules(model: nn.Module, record: QuantRecord, keys: set[str],
         kw = {}
         if scheme == "w8a8":
             kw = {"has_smooth": f"{name}.smooth_inv" in keys, "static": f"{name}.input_scale" in keys}
-        return make_empty(scheme, in_f, out_f, f"{name}.bias" in keys, dtype, device="meta", **kw)
+        # Whether a bias exists is the architecture's to say, not the files': a deleted bias is an error.
+        has_bias = getattr(float_module(name), "bias", None) is not None
+        return make_empty(scheme, in_f, out_f, has_bias, dtype, device="meta", **kw)
 
     for name in record.modules:
         replace_module(model, name, empty_linear(name, record.config.scheme))

@@ -47,6 +47,10 @@ def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     """Fail early (before any long work) if ``out`` exists and may not be replaced (after cleaning up
     what killed runs left beside it: :func:`clean_stale`)."""
     out = Path(out)
+    if out.is_symlink():
+        raise QuantkitError(f"output path {out} is a symbolic link; pass the folder it points to")
+    if out.name in ("", ".", "..") or out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise QuantkitError(f"--out {out} is the current folder or one above it; name a new folder for the output")
     clean_stale(out)  # first: it may put an interrupted run's old output back at out
     if out.exists() and not out.is_dir():
         raise QuantkitError(f"output path {out} exists and is not a directory; choose another path")
@@ -120,7 +124,10 @@ def clean_stale(out: Path) -> None:
             entry.rename(out)
             log.warning("restored %s from %s, left by an interrupted run", out, entry.name)
         else:
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_symlink():
+                entry.unlink()
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
             log.info("removed %s, left by an interrupted run", entry)
 
 

@@ -25,6 +25,8 @@ from ..errors import QuantkitError
 from ..qmath import all_finite
 from .safetensors_io import DTYPE_NAMES, TensorInfo
 
+# The float dtypes a float tensor of a quantkit checkpoint may be stored in.
+FLOAT_STORAGE = (torch.float16, torch.bfloat16, torch.float32)
 # How many problems an error message names before pointing at ``quantkit inspect``.
 _SHOWN = 3
 
@@ -60,8 +62,8 @@ def tensor_problems(model: nn.Module, record: QuantRecord, infos: Mapping[str, T
         exact = t.dtype == torch.int8 or (owner in quantized and leaf in SCALE_BUFFERS)
         if exact and info.dtype != t.dtype:
             problems.append(f"tensor {name} is {info.dtype_name}, it must be {_name(t.dtype)}")
-        elif not exact and t.is_floating_point() and not info.dtype.is_floating_point:
-            problems.append(f"tensor {name} is {info.dtype_name}, it must be a float dtype")
+        elif not exact and t.is_floating_point() and info.dtype not in FLOAT_STORAGE:
+            problems.append(f"tensor {name} is {info.dtype_name}, it must be F16, BF16 or F32")
         elif not exact and not t.is_floating_point() and info.dtype != t.dtype:
             problems.append(f"tensor {name} is {info.dtype_name}, it must be {_name(t.dtype)}")
     extra = sorted(n for n in infos if n not in expected)
@@ -77,6 +79,8 @@ def tensor_problems(model: nn.Module, record: QuantRecord, infos: Mapping[str, T
             problems.append(f"{m} {has} an input_scale but the config says {config.activations} activations")
         if smooth and config.smoothing == "none":
             problems.append(f"{m} has a smoothing factor (smooth_inv) but the config says no smoothing")
+        elif record.pre_scaled is not None and smooth != (m in record.pre_scaled):
+            problems.append(f"tensor {m}.smooth_inv is {'not listed in' if smooth else 'missing from'} the record")
     return problems
 
 

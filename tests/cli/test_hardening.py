@@ -358,3 +358,50 @@ def test_config_with_a_field_of_the_wrong_type_is_one_line(tmp_path, model_copy,
     _edit_config(model_copy, lambda c: c.update(hidden_size="abc"))
     assert _quantize(model_copy, tmp_path / "out") == 2
     _one_line_error(capsys, "config")
+
+
+def test_eval_never_writes_into_the_baseline_or_over_its_text(tmp_path, model_copy, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("words " * 100)
+    (tmp_path / "ck").mkdir()
+    for out, words in ((model_copy / "model.safetensors", "baseline"), (text, "evaluation text")):
+        before = out.read_bytes()
+        args = ["eval", str(tmp_path / "ck"), "--baseline", str(model_copy), "--out", str(out), "--text", str(text)]
+        assert main([*args, "--force"]) == 2
+        _one_line_error(capsys, words)
+        assert out.read_bytes() == before
+
+
+def test_eval_refuses_a_damaged_checkpoint_before_measuring_the_baseline(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from quantkit.evaluation import pipeline
+
+    ck = tmp_path / "ck"
+    assert _quantize(tiny_model_dir, ck, "--scheme", "w8a16") == 0
+    tensors = load_file(ck / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight_scale"][0] = float("nan")
+    save_file(tensors, ck / "model.safetensors", metadata={"format": "pt"})
+
+    def never(*a, **k):
+        raise AssertionError("the baseline was loaded")
+
+    monkeypatch.setattr(pipeline, "load_float", never)
+    assert main(["eval", str(ck), "--baseline", str(tiny_model_dir), "--out", str(tmp_path / "r.json"), "-q"]) == 2
+    _one_line_error(capsys, "NaN")
+
+
+def test_out_that_is_a_symlink_or_the_current_folder_is_refused(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert _quantize(tiny_model_dir, tmp_path / "link", "--overwrite") == 2
+    _one_line_error(capsys, "symbolic link")
+    monkeypatch.chdir(real)
+    for out in (".", str(real), str(tmp_path)):
+        assert _quantize(tiny_model_dir, out, "--overwrite") == 2
+        _one_line_error(capsys, "current folder")
+
+
+def test_calibrate_creates_the_output_folder(tmp_path, tiny_model_dir):
+    out = tmp_path / "new" / "sub" / "stats.safetensors"
+    assert main(["calibrate", str(tiny_model_dir), "--out", str(out), "--samples", "2", "--seq-len", "32", "-q"]) == 0
+    assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["stats.safetensors"]

@@ -84,6 +84,11 @@ CASES = {
     "uint8 weight": (_tensors(_set(f"{L0}.weight", lambda x: x.view(torch.uint8))), f"{L0}.weight"),
     "NaN scale": (_tensors(_set(f"{L0}.weight_scale", lambda x: x * float("nan"))), "NaN"),
     "negative scale": (_tensors(_set(f"{L0}.weight_scale", lambda x: -x)), "negative"),
+    "missing smoothing factor": (_tensors(lambda t: t.pop(f"{O0}.smooth_inv")), f"{O0}.smooth_inv"),
+    "float8 norm weight": (
+        _tensors(_set("model.norm.weight", lambda x: x.to(torch.float8_e4m3fn))),
+        "model.norm.weight",
+    ),
     "Inf smoothing factor": (_tensors(_set(f"{O0}.smooth_inv", lambda x: x * float("inf"))), f"{O0}.smooth_inv"),
     "NaN norm weight": (_tensors(_set("model.norm.weight", lambda x: x * float("nan"))), "model.norm.weight"),
     "wrong shape": (_tensors(_set(f"{L0}.weight_scale", lambda x: x[:-1].clone())), f"{L0}.weight_scale"),
@@ -149,4 +154,14 @@ def test_static_checkpoint_without_input_scale_is_refused(good, tmp_path):
     folder = shutil.copytree(good["static"], tmp_path / "ck")
     _tensors(lambda t: t.pop(f"{L0}.input_scale"))(folder)
     with pytest.raises(QuantkitError, match="lacks an input_scale"):
+        quantkit.load(folder)
+
+
+def test_deleted_bias_is_refused(tmp_path):
+    """Whether a layer has a bias is the architecture's to say (Qwen2's attention has one), not the files'."""
+    model = make_tiny("qwen2").to(torch.bfloat16)
+    quantkit.quantize(model, QuantConfig(scheme="w8a16"), progress=False)
+    folder = quantkit.save(model, tmp_path / "ck")
+    _tensors(lambda t: t.pop(f"{L0}.bias"))(folder)
+    with pytest.raises(QuantkitError, match=f"{L0}.bias"):
         quantkit.load(folder)
