@@ -7,7 +7,7 @@ written into the checkpoint's ``config.json`` and read back from there: a checkp
 it was made and which tensors it must hold. The block is flat, the config's fields beside the
 record's::
 
-    {"quant_method": "quantkit", "format_version": 2, "tool_version": "0.1.0",
+    {"quant_method": "quantkit", "format_version": 3, "tool_version": "0.1.0",
      "scheme": "w8a8", ..., "modules": [...], "input_embedding": "model.embed_tokens", ...}
 """
 
@@ -20,8 +20,10 @@ from .._version import __version__
 from ..config import QuantConfig
 from ..errors import QuantkitError
 
-# Bumped when the on-disk layout of a quantized checkpoint changes. 2: int8 embeddings.
-FORMAT_VERSION = 2
+# Bumped when the on-disk layout of a quantized checkpoint changes. 2: int8 embeddings. 3: the record
+# lists the pre-scaled layers and the source model's fingerprint (older quantkits refuse the new
+# fields, so they are told to upgrade instead).
+FORMAT_VERSION = 3
 QUANT_METHOD = "quantkit"
 
 # Fields of the block that belong to the record, not to the QuantConfig; introduced in format 2

@@ -108,7 +108,7 @@ def test_config_field_and_old_format(tmp_path):
     with pytest.raises(QuantkitError, match="embeddings"):
         QuantConfig(embeddings="int4")
     d = QuantRecord(QuantConfig(scheme="w8a16")).to_dict()
-    assert d["embeddings"] == "int8" and d["format_version"] == 2
+    assert d["embeddings"] == "int8" and d["format_version"] == 3
     # Format 1 predates int8 embeddings: a block without the field means float embeddings.
     old = {k: v for k, v in d.items() if k not in ("embeddings", "input_embedding", "output_embedding")}
     old = {k: v for k, v in old.items() if k != "tied_embeddings"}

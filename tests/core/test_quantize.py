@@ -121,7 +121,7 @@ def test_record_round_trip_sees_every_field():
     c = QuantConfig(scheme="w8a8", alpha=0.7, include=["a"])
     r = QuantRecord(c, modules=("x", "y"), input_embedding="emb", output_embedding="head", tied_embeddings=True)
     block = r.to_dict()
-    assert block["quant_method"] == "quantkit" and block["format_version"] == 2 and block["alpha"] == 0.7
+    assert block["quant_method"] == "quantkit" and block["format_version"] == 3 and block["alpha"] == 0.7
     assert QuantRecord.from_dict(block) == r
     # What was done is part of the comparison: a lost or changed record is visible.
     changes = [{"modules": ["x"]}, {"output_embedding": "other"}, {"tied_embeddings": False}, {"alpha": 0.5}]
