@@ -398,7 +398,8 @@ def run_default_job(
     device = resolve_device(device)
     check_output_dir(out, overwrite)
     path = resolve(model, progress=progress)
-    check_destination(out, source=path)
+    with CheckpointReader(path) as reader:  # room for every variant, before the first one starts
+        check_destination(out, source=path, needed_bytes=len(DEFAULT_VARIANTS) * estimated_output_bytes(reader))
     with atomic_output_dir(out, overwrite) as tmp:
         checkpoints = {}
         for name, config in DEFAULT_VARIANTS.items():  # each calibrates itself if it needs to, layer by layer

@@ -405,3 +405,16 @@ def test_calibrate_creates_the_output_folder(tmp_path, tiny_model_dir):
     out = tmp_path / "new" / "sub" / "stats.safetensors"
     assert main(["calibrate", str(tiny_model_dir), "--out", str(out), "--samples", "2", "--seq-len", "32", "-q"]) == 0
     assert out.is_file() and sorted(p.name for p in out.parent.iterdir()) == ["stats.safetensors"]
+
+
+def test_run_checks_room_for_every_variant_before_the_first(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from quantkit.evaluation import pipeline
+
+    def never(*a, **k):
+        raise AssertionError("quantization started")
+
+    monkeypatch.setattr(pipeline, "quantize_to_disk", never)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(output_dir.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    assert main(["run", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"), "-q"]) == 2
+    _one_line_error(capsys, "needs about")
