@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from ..config import QuantConfig
@@ -70,16 +69,12 @@ def _cmd_calibrate(args, progress: bool) -> None:
     from ..core.calibration import save_stats
     from ..devices import resolve_device
     from ..evaluation.pipeline import calibrate_layerwise
-    from ..formats.output_dir import check_destination
+    from ..formats.output_dir import atomic_file, check_destination
 
     resolve_device(args.device)  # a bad --device fails before any work
     if args.out.exists():
         raise QuantkitError(f"{args.out} already exists; choose another path")
     check_destination(args.out)
-    try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QuantkitError(f"cannot create {args.out.parent}: {e.strerror}") from None
     path, stats, fingerprint = calibrate_layerwise(
         args.model,
         calibration=args.calibration,
@@ -90,15 +85,13 @@ def _cmd_calibrate(args, progress: bool) -> None:
     )
     metadata = {"model": str(path), "fingerprint": fingerprint}
     metadata.update(samples=str(args.samples), seq_len=str(args.seq_len))
-    tmp = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")
-    try:
-        save_stats(stats, tmp, metadata)
-        tmp.rename(args.out)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, Exception) and not isinstance(e, (QuantkitError, OSError)):  # safetensors' own errors
+    with atomic_file(args.out) as tmp:
+        try:
+            save_stats(stats, tmp, metadata)
+        except (QuantkitError, OSError):
+            raise
+        except Exception as e:  # safetensors' own errors
             raise QuantkitError(f"cannot write {args.out}: {str(e).strip().splitlines()[0]}") from None
-        raise
     log.info("wrote statistics for %d layers to %s", len(stats), args.out)
 
 

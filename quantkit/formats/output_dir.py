@@ -193,8 +193,11 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file so that ``path`` is never half-written: a hidden sibling, then a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a hidden sibling of the file ``path`` to write; it becomes ``path`` (one rename) only if the
+    block completes, and is removed otherwise, so ``path`` is never half-written. The folder is
+    created if need be; OS errors become one :class:`QuantkitError`."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,11 +207,17 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
         raise QuantkitError(f"{path} is a folder; give a file name")
     tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
     try:
-        tmp.write_text(text, encoding="utf-8")
+        yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             raise QuantkitError(f"cannot write {path}: {e.strerror}") from None
         raise
-    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file so that ``path`` is never half-written (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)

@@ -163,15 +163,21 @@ def test_out_under_a_file_is_refused_before_loading(tmp_path, tiny_model_dir, ca
     _one_line_error(capsys, "is a file")
 
 
-def test_full_disk_is_refused_before_the_slow_work(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    import quantkit.core.sequential as sequential
+def _full_disk_and_no_work(monkeypatch, tmp_path, module, name):
+    """A disk with 1000 bytes free, and ``module.name`` (the slow work) failing the test if it runs."""
 
     def never(*a, **k):
         raise AssertionError("quantization started")
 
-    monkeypatch.setattr(sequential, "quantize_targets", never)
+    monkeypatch.setattr(module, name, never)
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(output_dir.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+
+
+def test_full_disk_is_refused_before_the_slow_work(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import quantkit.core.sequential as sequential
+
+    _full_disk_and_no_work(monkeypatch, tmp_path, sequential, "quantize_targets")
     assert _quantize(tiny_model_dir, tmp_path / "out") == 2
     _one_line_error(capsys, "free", "needs about")
 
@@ -410,11 +416,6 @@ def test_calibrate_creates_the_output_folder(tmp_path, tiny_model_dir):
 def test_run_checks_room_for_every_variant_before_the_first(tmp_path, tiny_model_dir, monkeypatch, capsys):
     from quantkit.evaluation import pipeline
 
-    def never(*a, **k):
-        raise AssertionError("quantization started")
-
-    monkeypatch.setattr(pipeline, "quantize_to_disk", never)
-    usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(output_dir.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    _full_disk_and_no_work(monkeypatch, tmp_path, pipeline, "quantize_to_disk")
     assert main(["run", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"), "-q"]) == 2
     _one_line_error(capsys, "needs about")
