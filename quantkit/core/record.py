@@ -22,8 +22,10 @@ from ..errors import QuantkitError
 
 # Bumped when the on-disk layout of a quantized checkpoint changes. 2: int8 embeddings. 3: the record
 # lists the pre-scaled layers and the source model's fingerprint (older quantkits refuse the new
-# fields, so they are told to upgrade instead).
-FORMAT_VERSION = 3
+# fields, so they are told to upgrade instead). 4: the migration strength alpha="auto" chose, and the
+# search behind it (written only by checkpoints that have them: the others stay readable by format-3
+# quantkits).
+FORMAT_VERSION = 4
 QUANT_METHOD = "quantkit"
 
 # Fields of the block that belong to the record, not to the QuantConfig; introduced in format 2
@@ -35,6 +37,7 @@ _RECORD_FIELDS = (
     "tied_embeddings",
     "source_fingerprint",
     "pre_scaled",
+    "alpha_search",
 )
 
 
@@ -53,6 +56,9 @@ class QuantRecord:
         source_fingerprint: :meth:`~quantkit.formats.safetensors_io.CheckpointReader.fingerprint` of
             the float checkpoint it was made from (``quantkit quantize`` records it; ``""`` if
             unknown), so that ``quantkit eval`` can refuse a baseline that is another model.
+        alpha_search: with ``alpha="auto"``, what was chosen and why: ``{"chosen": alpha, "alphas":
+            [candidates], "calibration_loss": [mean next-token loss of the model quantized at each],
+            "float_loss": the float model's, "tokens": how many}``; None otherwise.
         tool_version: the quantkit that made it (information only; not compared).
     """
 
@@ -63,6 +69,7 @@ class QuantRecord:
     tied_embeddings: bool = False
     source_fingerprint: str = ""
     pre_scaled: tuple[str, ...] | None = None
+    alpha_search: dict[str, Any] | None = None
     tool_version: str = field(default=__version__, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,6 +86,8 @@ class QuantRecord:
             if not isinstance(self.pre_scaled, (list, tuple)) or not all(m in modules for m in self.pre_scaled):
                 raise QuantkitError("quantization_config 'pre_scaled' must list quantized modules")
             object.__setattr__(self, "pre_scaled", tuple(self.pre_scaled))
+        if self.alpha_search is not None:
+            object.__setattr__(self, "alpha_search", _checked_alpha_search(self.alpha_search))
         if not isinstance(self.source_fingerprint, str):
             raise QuantkitError("quantization_config 'source_fingerprint' must be a string")
         if self.tied_embeddings and not (self.input_embedding and self.output_embedding):
@@ -104,7 +113,7 @@ class QuantRecord:
         """The ``quantization_config`` block written to ``config.json``."""
         return {
             "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.alpha_search else 3,  # the oldest format that holds it
             "tool_version": self.tool_version,
             **self.config.to_dict(),
             "modules": list(self.modules),
@@ -113,6 +122,7 @@ class QuantRecord:
             "tied_embeddings": self.tied_embeddings,
             **({"pre_scaled": list(self.pre_scaled)} if self.pre_scaled is not None else {}),
             **({"source_fingerprint": self.source_fingerprint} if self.source_fingerprint else {}),
+            **({"alpha_search": self.alpha_search} if self.alpha_search else {}),
         }
 
     @classmethod
@@ -141,6 +151,26 @@ class QuantRecord:
         except TypeError as e:  # a field of the wrong type that the dataclass could not take
             raise QuantkitError(f"quantization_config is malformed: {e}") from None
         return cls(config, **record, tool_version=tool_version)
+
+
+def _checked_alpha_search(d: Any) -> dict[str, Any]:
+    """A valid ``alpha_search`` block, or a :class:`QuantkitError`."""
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+    bad = QuantkitError(
+        "quantization_config 'alpha_search' must hold 'chosen', 'alphas' and 'calibration_loss' (numbers, lists of "
+        "equal length)"
+    )
+    if not isinstance(d, dict) or not number(d.get("chosen")) or not 0.0 <= d["chosen"] <= 1.0:
+        raise bad
+    alphas, losses = d.get("alphas"), d.get("calibration_loss")
+    if not isinstance(alphas, list) or not isinstance(losses, list) or len(alphas) != len(losses) or not alphas:
+        raise bad
+    if not all(number(v) for v in (*alphas, *losses)):
+        raise bad
+    return dict(d)
 
 
 def record_of(model: Any) -> QuantRecord:

@@ -30,10 +30,13 @@ of 3: each layer is read, quantized, emitted and freed.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -51,6 +54,7 @@ from .quantize import (
     quantize_targets,
     select_targets,
 )
+from .search import ALPHA_GRID, ALPHA_SAMPLE_STRIDE, needs_search, recording, search_layer
 from .smoothquant import fold_pre_scales
 
 log = logging.getLogger(__name__)
@@ -207,6 +211,9 @@ def quantize_layerwise(
         raise QuantkitError(f"{config.label} needs calibration samples or statistics")
     if stats is not None:
         check_stats(targets, stats, config)
+    search = needs_search(config) and calibrate
+    if needs_search(config) and not search:
+        log.warning("static activation scales from saved statistics: the calibration abs-max, no clipping search")
     # Calibration runs in fp32 (statistics not rounded to bf16); without it, read straight into dtype.
     work_dtype = torch.float32 if calibrate else dtype
     t0 = time.perf_counter()
@@ -238,15 +245,20 @@ def quantize_layerwise(
         layer_targets = {n: targets.pop(n) for n in [n for n in targets if n.startswith(prefix)]}
         _materialize(layer, prefix, read, work_dtype, device=device)
         layer_stats = None if stats is None else {n: stats[n].to(device) for n in layer_targets if n in stats}
+        clips = {}
         if calibrate:
-            with recording_amax(layer_targets) as layer_stats:
+            keep = recording(model, layer_targets) if search else contextlib.nullcontext()
+            with recording_amax(layer_targets) as layer_stats, keep as recorded:
                 _forward(layer, hidden, calls[i], update=propagate == "float")
             layer_stats = {n: a.to(device) for n, a in layer_stats.items()}
+            if search:  # on the fp32 layer, before it goes to the serving dtype
+                clips = search_layer(model, layer_targets, recorded, layer_stats, config, prescale_all=fold_producers)
+            recorded = None
         layer.to(dtype)
         check_stats(layer_targets, layer_stats, config)
         if fold_producers and layer_stats is not None:
             layer_stats, _ = fold_pre_scales(model, layer_targets, layer_stats, config)
-        quantize_targets(model, layer_targets, layer_stats, config)
+        quantize_targets(model, layer_targets, layer_stats, config, clips=clips)
         layer_targets.clear()  # the float modules it swapped out
         emit(prefix, layer)  # may adjust the layer for its format (e.g. round scales): before propagating
         if calibrate:
@@ -317,6 +329,154 @@ def collect_stats_layerwise(
         calls[i] = None
         layer.to("meta")
     return stats
+
+
+class AlphaSearch(NamedTuple):
+    """What ``alpha="auto"`` chose (:func:`choose_alpha`), as recorded in the checkpoint."""
+
+    chosen: float
+    alphas: tuple[float, ...]
+    losses: tuple[float, ...]  # mean next-token loss on the calibration samples, per candidate
+    float_loss: float
+    tokens: int
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "chosen": self.chosen,
+            "alphas": list(self.alphas),
+            "calibration_loss": [round(v, 6) for v in self.losses],
+            "float_loss": round(self.float_loss, 6),
+            "tokens": self.tokens,
+        }
+
+
+def choose_alpha(
+    model: nn.Module,
+    read: Callable[[str], torch.Tensor],
+    config: QuantConfig,
+    samples: torch.Tensor,
+    *,
+    alphas: tuple[float, ...] = ALPHA_GRID,
+    stride: int = ALPHA_SAMPLE_STRIDE,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> AlphaSearch:
+    """The SmoothQuant migration strength among ``alphas`` whose quantized model has the lowest
+    next-token loss on every ``stride``-th calibration sample (:func:`calibration_losses`)."""
+    samples = samples[::stride]
+    configs = [dataclasses.replace(config, alpha=a) for a in alphas]
+    float_loss, losses = calibration_losses(model, read, configs, samples, device=device, progress=progress)
+    best = min(range(len(alphas)), key=losses.__getitem__)
+    tokens = samples.shape[0] * (samples.shape[1] - 1)
+    log.info(
+        "alpha auto: %s on %d calibration tokens (float loss %.4f; %s)",
+        alphas[best],
+        tokens,
+        float_loss,
+        ", ".join(f"{a:g}: {v:.4f}" for a, v in zip(alphas, losses)),
+    )
+    return AlphaSearch(alphas[best], tuple(alphas), tuple(losses), float_loss, tokens)
+
+
+@torch.no_grad()
+def calibration_losses(
+    model: nn.Module,
+    read: Callable[[str], torch.Tensor],
+    configs: list[QuantConfig],
+    samples: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[float, list[float]]:
+    """The mean next-token loss on ``samples`` of the float model and of the model quantized with
+    each of ``configs``, one decoder layer in memory at a time.
+
+    The layers are read once; each is quantized once per config (from a copy of the float layer, with
+    the statistics the float model's inputs give it: what differs between configs is the quantization,
+    not the calibration), and each config's activations flow through its own quantized layers, so
+    every loss is that of a whole quantized model. Then the model's own head (final norm, output
+    projection in the checkpoint's dtype) turns each stream into logits. ``model`` is a skeleton, as
+    for :func:`quantize_layerwise`; use a copy: its modules are left changed.
+    """
+    model.eval()
+    names = tuple(select_targets(model, configs[0]))
+    stack_name, stack = decoder_stack(model)
+    head = embeddings_of(model)[1]
+    head_prefix = _module_prefix(model, head) if head is not None else None
+    _materialize_outside(model, read, stack_name, head_prefix, torch.float32, device, lookup=True)
+    calls = _capture_fp32(model, stack, samples, device)
+    float_stream = [args[0] for args, _ in calls[0]]
+    streams = [[h.clone() for h in float_stream] for _ in configs]
+    search = any(needs_search(c) for c in configs)
+    as_tuple = False
+    for i in tqdm(range(len(stack)), desc="Trying alphas", unit="layer", disable=not progress):
+        layer, prefix = stack[i], f"{stack_name}.{i}."
+        _materialize(layer, prefix, read, torch.float32, device=device)
+        layer_targets = {n: model.get_submodule(n) for n in names if n.startswith(prefix)}
+        keep = recording(model, layer_targets) if search else contextlib.nullcontext()
+        with recording_amax(layer_targets) as stats, keep as recorded:
+            for j, (args, kwargs) in enumerate(calls[i]):
+                out = layer(float_stream[j], *args[1:], **kwargs)
+                as_tuple = isinstance(out, (tuple, list))
+                float_stream[j] = _output(out)
+        stats = {n: a.to(device) for n, a in stats.items()}
+        for cfg, stream in zip(configs, streams):
+            stack[i] = copy.deepcopy(layer)
+            targets = {n: model.get_submodule(n) for n in layer_targets}
+            check_stats(targets, stats, cfg)
+            clips = search_layer(model, targets, recorded, stats, cfg) if needs_search(cfg) else {}
+            quantize_targets(model, targets, stats, cfg, clips=clips)
+            _forward(stack[i], stream, calls[i], update=True)
+        stack[i] = layer
+        layer.to("meta")
+        calls[i] = recorded = None
+
+    if head_prefix is not None and model.get_submodule(head_prefix[:-1]).weight.is_meta:  # untied
+        _materialize(model.get_submodule(head_prefix[:-1]), head_prefix, read, None, device=device)
+    losses = [_stream_loss(model, stack, s, samples, as_tuple, device) for s in (float_stream, *streams)]
+    return losses[0], losses[1:]
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer: returns the recorded output of the stack for the current sample."""
+
+    def __init__(self, outputs: list[torch.Tensor], as_tuple: bool) -> None:
+        super().__init__()
+        self.outputs, self.as_tuple, self.sample = outputs, as_tuple, 0
+
+    def forward(self, *args: Any, **kwargs: Any):
+        h = self.outputs[self.sample]
+        return (h,) if self.as_tuple else h
+
+
+def _stream_loss(
+    model: nn.Module,
+    stack: nn.ModuleList,
+    outputs: list[torch.Tensor],
+    samples: torch.Tensor,
+    as_tuple: bool,
+    device: torch.device | str,
+) -> float:
+    """Mean next-token loss of ``samples`` given the stack's outputs on them, through the model's head."""
+    layers = list(stack)
+    replay = _Replay(outputs, as_tuple)
+    head = embeddings_of(model)[1]
+    hook = head.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
+    total, count = 0.0, 0
+    try:
+        for k in range(len(stack)):
+            stack[k] = replay
+        for j, ids in enumerate(samples):
+            replay.sample = j
+            ids = ids.to(device)
+            logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
+            count += ids.numel() - 1
+    finally:
+        hook.remove()
+        for k, layer in enumerate(layers):
+            stack[k] = layer
+    return total / count
 
 
 def _materialize_outside(

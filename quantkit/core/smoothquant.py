@@ -68,9 +68,38 @@ class Smoothed(NamedTuple):
     stats: ActStats
 
 
+def smoothing_groups(
+    model: nn.Module, targets: dict[str, nn.Module], stats: ActStats, *, fallback: bool
+) -> list[tuple[str | None, list[str]]]:
+    """``(norm, linears)`` for every group :func:`apply_smoothquant` smooths with one ``s``: the norm
+    groups of :func:`quantkit.core.arch.smooth_groups` whose linears are float and have statistics,
+    then (with ``fallback``) each other target with statistics alone, with norm None (a run-time
+    pre-scale)."""
+    modules = dict(model.named_modules())
+    groups: list[tuple[str | None, list[str]]] = []
+    covered: set[str] = set()
+    for norm_name, linear_names in arch.smooth_groups(model):
+        if any(n in stats for n in linear_names) and all(is_float_linear(modules[n]) for n in linear_names):
+            groups.append((norm_name, linear_names))
+            covered.update(linear_names)
+    if fallback:
+        groups += [(None, [n]) for n in targets if n not in covered and n in stats]
+    return groups
+
+
+def _alpha(config: QuantConfig) -> float:
+    """``config.alpha``, which by now must be a number (``"auto"`` is resolved before quantizing)."""
+    if config.alpha == "auto":
+        raise QuantkitError("alpha='auto' must be resolved to a number before smoothing (see quantkit.quantize_to_disk)")
+    return config.alpha
+
+
 @torch.no_grad()
 def apply_smoothquant(
-    model: nn.Module, targets: dict[str, nn.Module], stats: ActStats, config: QuantConfig
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    stats: ActStats,
+    config: QuantConfig,
 ) -> Smoothed:
     """Fold SmoothQuant into the norms :func:`quantkit.core.arch.smooth_groups` maps, in place.
 
@@ -88,15 +117,16 @@ def apply_smoothquant(
     smooth_inv: dict[str, torch.Tensor] = {}
     covered: set[str] = set()
 
-    for norm_name, linear_names in arch.smooth_groups(model):
-        seen = [stats[n] for n in linear_names if n in stats]
-        if not seen or not all(is_float_linear(modules[n]) for n in linear_names):
-            continue
+    for norm_name, linear_names in smoothing_groups(model, targets, stats, fallback=config.fallback_smoothing):
         # All linears of a group read the same tensor; max over them guards against hooks that saw
         # slightly different inputs (they should not).
-        act_amax = torch.stack(seen).amax(dim=0)
-        w_amax = torch.stack([_weight_amax(modules[n]) for n in linear_names])
-        s = smoothing_scale(act_amax, w_amax.amax(dim=0), config.alpha)
+        act_amax = torch.stack([stats[n] for n in linear_names if n in stats]).amax(dim=0)
+        w_amax = torch.stack([_weight_amax(modules[n]) for n in linear_names]).amax(dim=0)
+        s = smoothing_scale(act_amax, w_amax, _alpha(config))
+        if norm_name is None:  # no norm to fold into: a run-time pre-scale
+            (n,) = linear_names
+            scales[n], smooth_inv[n], stats[n] = s, 1.0 / s, stats[n] / s
+            continue
         fold_into_norm(modules[norm_name], s, offset)
         for n in linear_names:
             if n in targets:
@@ -106,15 +136,6 @@ def apply_smoothquant(
             else:  # not quantized, but it reads the rescaled norm output: keep it exact
                 w = weight_out_in(modules[n])
                 w.copy_((w.float() * s[None, :]).to(w.dtype))
-
-    if config.fallback_smoothing:
-        for n, m in targets.items():
-            if n in covered or n not in stats:
-                continue
-            s = smoothing_scale(stats[n], _weight_amax(m), config.alpha)
-            scales[n] = s
-            smooth_inv[n] = 1.0 / s
-            stats[n] = stats[n] / s
     log.debug(
         "smoothing: %d layers folded into norms, %d with a run-time pre-scale, %d unsmoothed",
         len(covered),
@@ -131,7 +152,10 @@ def _weight_amax(module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def fold_pre_scales(
-    model: nn.Module, targets: dict[str, nn.Module], stats: ActStats, config: QuantConfig
+    model: nn.Module,
+    targets: dict[str, nn.Module],
+    stats: ActStats,
+    config: QuantConfig,
 ) -> tuple[ActStats, list[str]]:
     """Move SmoothQuant's would-be run-time pre-scales into the layers producing those inputs.
 
@@ -177,7 +201,7 @@ def fold_pre_scales(
         # activation and weight statistic over them, then smooth as usual.
         act = torch.zeros(n).scatter_reduce(0, local, stats[cons_name].float(), "amax", include_self=False)
         w_amax = torch.zeros(n).scatter_reduce(0, local, w_cons.abs().amax(dim=0), "amax", include_self=False)
-        s_rows = smoothing_scale(act, w_amax, config.alpha)
+        s_rows = smoothing_scale(act, w_amax, _alpha(config))
         s = s_rows[local]
         w_prod[first : first + n] /= s_rows[:, None]
         _set_weight(producer, w_prod)

@@ -9,6 +9,8 @@ count against another's.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gc
 import json
 import logging
@@ -32,7 +34,8 @@ from ..config import (
     QuantConfig,
 )
 from ..core.calibration import DEFAULT_CALIBRATION, ActStats, make_samples, read_stats, read_texts
-from ..core.sequential import Emit, collect_stats_layerwise, quantize_layerwise
+from ..core.record import QuantRecord
+from ..core.sequential import Emit, choose_alpha, collect_stats_layerwise, quantize_layerwise
 from ..devices import device_name, resolve_device
 from ..errors import QuantkitError
 from ..formats import compressed_tensors, native
@@ -124,6 +127,11 @@ def quantize_to_disk(
     """
     if fmt not in FORMATS:
         raise QuantkitError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if config.auto_alpha and stats is not None:
+        raise QuantkitError(
+            "alpha 'auto' is chosen by quantizing at each candidate alpha on calibration text, which saved "
+            "statistics do not hold: drop --stats, or give a fixed --alpha"
+        )
     max_shard_bytes = parse_size(max_shard_size)
     device = resolve_device(device)
     check_output_dir(out, overwrite)
@@ -148,11 +156,19 @@ def quantize_to_disk(
             )
         serving = native_dtype(path) if dtype == "auto" else getattr(torch, dtype)
         fmt_module = compressed_tensors if export else native
+        run_config, alpha_search = config, None
+        if config.auto_alpha:
+            alpha_search = choose_alpha(
+                copy.deepcopy(skeleton), _finite(reader.get), config, samples, device=device, progress=progress
+            )
+            run_config = dataclasses.replace(config, alpha=alpha_search.chosen)
+            gc.collect()
+            measure.release_free_heap()
         with atomic_output_dir(out, overwrite) as tmp, ShardWriter(tmp, max_shard_bytes) as writer:
             quantize_layerwise(
                 skeleton,
                 _finite(reader.get),
-                compressed_tensors.export_config(config) if export else config,
+                compressed_tensors.export_config(run_config) if export else run_config,
                 samples=samples,
                 stats=stats,
                 dtype=serving,
@@ -167,6 +183,13 @@ def quantize_to_disk(
                 progress=progress,
             )
             skeleton.config.quantization_config["source_fingerprint"] = source_fingerprint
+            if alpha_search is not None:  # the record says what was asked (auto) and what it chose
+                record = QuantRecord.from_dict(skeleton.config.quantization_config)
+                skeleton.config.quantization_config = dataclasses.replace(
+                    record,
+                    config=dataclasses.replace(record.config, alpha=config.alpha),
+                    alpha_search=alpha_search.to_record(),
+                ).to_dict()
             writer.close()
             fmt_module.write_metadata(skeleton, tmp, tokenizer)
     log.info(

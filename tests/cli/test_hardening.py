@@ -263,6 +263,15 @@ def test_non_finite_perplexity_is_an_error_not_a_number(tmp_path, tiny_model_dir
     assert not (tmp_path / "r.json").exists()
 
 
+def test_auto_alpha_with_saved_statistics_is_refused_before_any_work(tmp_path, tiny_model_dir, capsys):
+    stats = tmp_path / "s.safetensors"
+    assert main(["calibrate", str(tiny_model_dir), "--out", str(stats), "--samples", "2", "--seq-len", "32", "-q"]) == 0
+    capsys.readouterr()
+    assert _quantize(tiny_model_dir, tmp_path / "q", "--alpha", "auto", "--stats", str(stats)) == 2
+    _one_line_error(capsys, "auto", "--stats")
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize(
     "args, words",
     [
@@ -270,6 +279,7 @@ def test_non_finite_perplexity_is_an_error_not_a_number(tmp_path, tiny_model_dir
         (["eval", "a", "--baseline", "b", "--out", "c", "--window", "1"], ["--window", "at least 2"]),
         (["quantize", "m", "--out", "o", "--alpha", "1.5"], ["--alpha", "[0, 1]"]),
         (["quantize", "m", "--out", "o", "--alpha", "nan"], ["--alpha"]),
+        (["quantize", "m", "--out", "o", "--alpha", "automatic"], ["--alpha", "not a number"]),
         (["quantize", "m", "--out", "o", "--samples", "-3"], ["--samples"]),
         (["quantize", "m", "--out", "o", "--seq-len", "x"], ["--seq-len", "whole number"]),
         (["quantize", "m"], ["--out"]),
