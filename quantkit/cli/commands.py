@@ -43,6 +43,7 @@ def _cmd_quantize(args, progress: bool) -> None:
         include=tuple(args.include),
         exclude=tuple(args.exclude),
         embeddings=args.embeddings,
+        max_drift=args.max_drift,
     )
     quantize_to_disk(
         args.model,

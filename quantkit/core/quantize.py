@@ -99,6 +99,7 @@ def quantize(
     config: QuantConfig | None = None,
     stats: ActStats | None = None,
     *,
+    w8a16: set[str] | frozenset[str] = frozenset(),
     progress: bool = True,
 ) -> nn.Module:
     """Quantize a float transformers model in place and return it.
@@ -108,6 +109,8 @@ def quantize(
         config: what to do; W8A8 SmoothQuant per-token by default.
         stats: activation statistics from :func:`calibrate`; required when
             ``config.needs_calibration``. Not modified.
+        w8a16: with a W8A8 config, layers to store W8A16 instead (e.g. the ones
+            ``quantkit quantize --max-drift`` keeps; the checkpoint records them).
 
     Example:
         >>> stats = quantkit.calibrate(model, tokenizer)
@@ -121,6 +124,11 @@ def quantize(
             "alpha='auto' is chosen on the calibration loss of the model quantized at each candidate alpha: "
             "use quantkit.quantize_to_disk (quantkit quantize --alpha auto), or a fixed alpha here"
         )
+    if config.max_drift is not None:
+        raise QuantkitError(
+            "max_drift measures the whole quantized model on calibration text layer by layer: use "
+            "quantkit.quantize_to_disk (quantkit quantize --max-drift), or name the layers to keep with w8a16="
+        )
     if needs_search(config):
         log.warning(
             "static activation scales from statistics alone use the calibration abs-max; quantkit.quantize_to_disk "
@@ -128,7 +136,12 @@ def quantize(
         )
     targets = select_targets(model, config)
     check_stats(targets, stats, config)
-    quantize_targets(model, targets, stats, config, progress=progress)
+    unknown = set(w8a16) - set(targets)
+    if unknown:
+        raise QuantkitError(f"w8a16 names layers that are not quantized: {sorted(unknown)[:3]}")
+    if w8a16 and config.scheme != "w8a8":
+        raise QuantkitError("w8a16 keeps layers of a W8A8 model weight-only; the scheme is not W8A8")
+    quantize_targets(model, targets, stats, config, w8a16=w8a16, progress=progress)
     return finish(model, config, tuple(targets))
 
 
@@ -167,6 +180,7 @@ def quantize_targets(
     config: QuantConfig,
     *,
     clips: dict[str, float] | None = None,
+    w8a16: set[str] | frozenset[str] = frozenset(),
     progress: bool = False,
 ) -> None:
     """Smooth (W8A8 SmoothQuant) and swap ``targets`` for quantized modules, in place.
@@ -182,9 +196,12 @@ def quantize_targets(
     smooth_inv: dict[str, torch.Tensor] = {}
     if config.scheme == "w8a8" and config.smoothing == "smoothquant":
         scales, smooth_inv, stats = apply_smoothquant(model, targets, stats, config)
+        for name in w8a16:  # a weight-only layer needs no run-time pre-scale
+            if smooth_inv.pop(name, None) is not None:
+                scales.pop(name)
 
-    cls = QUANT_MODULES[config.scheme]
     for name, module in tqdm(targets.items(), desc=f"Quantizing {config.label}", unit="layer", disable=not progress):
+        cls = QUANT_MODULES["w8a16" if name in w8a16 else config.scheme]
         kwargs = {}
         if cls is W8A8Linear:
             kwargs["smooth_inv"] = smooth_inv.get(name)
@@ -218,7 +235,10 @@ def finish(
         embedding_modules = {}
     _untie_if_quantized(model)
     pre_scaled = tuple(m for m in modules if getattr(model.get_submodule(m), "smooth_inv", None) is not None)
-    record = QuantRecord(config, modules=modules, pre_scaled=pre_scaled, **embedding_modules)
+    w8a16 = ()
+    if config.scheme == "w8a8":
+        w8a16 = tuple(m for m in modules if isinstance(model.get_submodule(m), W8A16Linear))
+    record = QuantRecord(config, modules=modules, pre_scaled=pre_scaled, w8a16_modules=w8a16, **embedding_modules)
     model.config.quantization_config = record.to_dict()
     return model
 

@@ -24,7 +24,7 @@ from ..errors import QuantkitError
 # lists the pre-scaled layers and the source model's fingerprint (older quantkits refuse the new
 # fields, so they are told to upgrade instead). 4: the migration strength alpha="auto" chose, and the
 # search behind it (written only by checkpoints that have them: the others stay readable by format-3
-# quantkits).
+# quantkits). Also 4: layers kept in W8A16 within a W8A8 checkpoint (--max-drift).
 FORMAT_VERSION = 4
 QUANT_METHOD = "quantkit"
 
@@ -38,6 +38,8 @@ _RECORD_FIELDS = (
     "source_fingerprint",
     "pre_scaled",
     "alpha_search",
+    "w8a16_modules",
+    "drift_search",
 )
 
 
@@ -59,6 +61,10 @@ class QuantRecord:
         alpha_search: with ``alpha="auto"``, what was chosen and why: ``{"chosen": alpha, "alphas":
             [candidates], "calibration_loss": [mean next-token loss of the model quantized at each],
             "float_loss": the float model's, "tokens": how many}``; None otherwise.
+        w8a16_modules: layers among ``modules`` stored W8A16 although the scheme is W8A8 (the
+            most sensitive ones, kept to meet ``max_drift``); empty for a single-scheme checkpoint.
+        drift_search: with ``max_drift``, the candidates tried and the calibration drift of each
+            (see :func:`quantkit.core.sequential.choose_w8a16_layers`); None otherwise.
         tool_version: the quantkit that made it (information only; not compared).
     """
 
@@ -70,6 +76,8 @@ class QuantRecord:
     source_fingerprint: str = ""
     pre_scaled: tuple[str, ...] | None = None
     alpha_search: dict[str, Any] | None = None
+    w8a16_modules: tuple[str, ...] = ()
+    drift_search: dict[str, Any] | None = None
     tool_version: str = field(default=__version__, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,12 +94,34 @@ class QuantRecord:
             if not isinstance(self.pre_scaled, (list, tuple)) or not all(m in modules for m in self.pre_scaled):
                 raise QuantkitError("quantization_config 'pre_scaled' must list quantized modules")
             object.__setattr__(self, "pre_scaled", tuple(self.pre_scaled))
+        kept = (self.w8a16_modules,) if isinstance(self.w8a16_modules, str) else self.w8a16_modules
+        if not isinstance(kept, (list, tuple)) or not all(m in modules for m in kept):
+            raise QuantkitError("quantization_config 'w8a16_modules' must list quantized modules")
+        if kept and self.config.scheme != "w8a8":
+            raise QuantkitError("quantization_config 'w8a16_modules' is for W8A8 checkpoints only")
+        object.__setattr__(self, "w8a16_modules", tuple(kept))
+        if self.drift_search is not None and not isinstance(self.drift_search, dict):
+            raise QuantkitError("quantization_config 'drift_search' must be a JSON object")
         if self.alpha_search is not None:
             object.__setattr__(self, "alpha_search", _checked_alpha_search(self.alpha_search))
         if not isinstance(self.source_fingerprint, str):
             raise QuantkitError("quantization_config 'source_fingerprint' must be a string")
         if self.tied_embeddings and not (self.input_embedding and self.output_embedding):
             raise QuantkitError("quantization_config ties the embeddings but does not name both of them")
+
+    def scheme_of(self, module: str) -> str:
+        """The scheme a quantized linear layer of ``modules`` is stored in."""
+        return "w8a16" if module in self.w8a16_modules else self.config.scheme
+
+    @property
+    def label(self) -> str:
+        """The config's label, with the alpha ``alpha="auto"`` chose, e.g. ``W8A8 SmoothQuant a=auto (0.65) per-token``."""
+        label = self.config.label
+        if self.alpha_search:
+            label = label.replace("a=auto", f"a=auto ({self.alpha_search['chosen']:g})")
+        if self.w8a16_modules:
+            label += f", {len(self.w8a16_modules)}/{len(self.modules)} layers W8A16"
+        return label
 
     @property
     def embeddings_label(self) -> str:
@@ -113,7 +143,8 @@ class QuantRecord:
         """The ``quantization_config`` block written to ``config.json``."""
         return {
             "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION if self.alpha_search else 3,  # the oldest format that holds it
+            # the oldest format that holds it
+            "format_version": FORMAT_VERSION if self.alpha_search or self.w8a16_modules or self.drift_search else 3,
             "tool_version": self.tool_version,
             **self.config.to_dict(),
             "modules": list(self.modules),
@@ -123,6 +154,8 @@ class QuantRecord:
             **({"pre_scaled": list(self.pre_scaled)} if self.pre_scaled is not None else {}),
             **({"source_fingerprint": self.source_fingerprint} if self.source_fingerprint else {}),
             **({"alpha_search": self.alpha_search} if self.alpha_search else {}),
+            **({"w8a16_modules": list(self.w8a16_modules)} if self.w8a16_modules else {}),
+            **({"drift_search": self.drift_search} if self.drift_search else {}),
         }
 
     @classmethod

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 # calibration samples it judges them on (every other one: half the cost, all parts of the text).
 ALPHA_GRID = tuple(round(0.40 + 0.05 * i, 2) for i in range(11))
 ALPHA_SAMPLE_STRIDE = 2
+# With static activations each candidate also searches its clipping: fewer candidates.
+ALPHA_GRID_STATIC = (0.5, 0.65, 0.8, 0.9)
 # Fractions of the calibration abs-max tried as the static activation range.
 CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1, 0.07, 0.05)
 # Calibration tokens per layer input kept for the search (whole samples, so the first positions of a

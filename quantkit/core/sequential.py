@@ -34,6 +34,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -54,7 +55,7 @@ from .quantize import (
     quantize_targets,
     select_targets,
 )
-from .search import ALPHA_GRID, ALPHA_SAMPLE_STRIDE, needs_search, recording, search_layer
+from .search import ALPHA_GRID, ALPHA_GRID_STATIC, ALPHA_SAMPLE_STRIDE, SEARCH_TOKENS, needs_search, recording, search_layer
 from .smoothquant import fold_pre_scales
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,7 @@ def quantize_layerwise(
     propagate: str = "quantized",
     fold_producers: bool = False,
     read_rows: Callable[[str, int, int], torch.Tensor] | None = None,
+    w8a16: set[str] | frozenset[str] = frozenset(),
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> nn.Module:
@@ -190,6 +192,7 @@ def quantize_layerwise(
         read_rows: ``read_rows(name, start, stop)`` returns rows ``start:stop`` of a source tensor; with
             it an untied output projection stored int8 is quantized from blocks of rows as they are
             read, never whole in memory in float (it is as large as the embedding table).
+        w8a16: with a W8A8 config, layers to store W8A16 instead (:func:`choose_w8a16_layers`).
         device: where each layer is materialized, calibrated and quantized (``emit`` receives it
             there); the calibration activations live there too.
 
@@ -258,7 +261,7 @@ def quantize_layerwise(
         check_stats(layer_targets, layer_stats, config)
         if fold_producers and layer_stats is not None:
             layer_stats, _ = fold_pre_scales(model, layer_targets, layer_stats, config)
-        quantize_targets(model, layer_targets, layer_stats, config, clips=clips)
+        quantize_targets(model, layer_targets, layer_stats, config, clips=clips, w8a16=w8a16)
         layer_targets.clear()  # the float modules it swapped out
         emit(prefix, layer)  # may adjust the layer for its format (e.g. round scales): before propagating
         if calibrate:
@@ -331,6 +334,13 @@ def collect_stats_layerwise(
     return stats
 
 
+class Candidate(NamedTuple):
+    """One way to quantize the model that :func:`calibration_losses` measures."""
+
+    config: QuantConfig  # a fixed alpha
+    max_error: float = math.inf  # layers whose W8A8 output error exceeds it are stored W8A16
+
+
 class AlphaSearch(NamedTuple):
     """What ``alpha="auto"`` chose (:func:`choose_alpha`), as recorded in the checkpoint."""
 
@@ -356,16 +366,22 @@ def choose_alpha(
     config: QuantConfig,
     samples: torch.Tensor,
     *,
-    alphas: tuple[float, ...] = ALPHA_GRID,
+    alphas: tuple[float, ...] | None = None,
     stride: int = ALPHA_SAMPLE_STRIDE,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> AlphaSearch:
     """The SmoothQuant migration strength among ``alphas`` whose quantized model has the lowest
-    next-token loss on every ``stride``-th calibration sample (:func:`calibration_losses`)."""
+    next-token loss on every ``stride``-th calibration sample (:func:`calibration_losses`). By default
+    :data:`~quantkit.core.search.ALPHA_GRID`, or the shorter ``ALPHA_GRID_STATIC`` with static
+    activations (each candidate then searches its clipping too)."""
+    if alphas is None:
+        alphas = ALPHA_GRID_STATIC if needs_search(config) else ALPHA_GRID
     samples = samples[::stride]
-    configs = [dataclasses.replace(config, alpha=a) for a in alphas]
-    float_loss, losses = calibration_losses(model, read, configs, samples, device=device, progress=progress)
+    candidates = [Candidate(dataclasses.replace(config, alpha=a, max_drift=None)) for a in alphas]
+    float_loss, losses, _ = calibration_losses(
+        model, read, candidates, samples, device=device, progress=progress, desc="Trying alphas"
+    )
     best = min(range(len(alphas)), key=losses.__getitem__)
     tokens = samples.shape[0] * (samples.shape[1] - 1)
     log.info(
@@ -378,63 +394,170 @@ def choose_alpha(
     return AlphaSearch(alphas[best], tuple(alphas), tuple(losses), float_loss, tokens)
 
 
+# Output-error thresholds (|Y_int8 - Y_float|^2 / |Y_float|^2 of a layer, W8A8) that --max-drift tries:
+# the layers above a threshold are kept W8A16. inf: every layer W8A8; 0: every layer W8A16.
+ERROR_THRESHOLDS = (math.inf, 3e-2, 1e-2, 5e-3, 3e-3, 2e-3, 1e-3, 5e-4, 2e-4, 0.0)
+
+
+def choose_w8a16_layers(
+    model: nn.Module,
+    read: Callable[[str], torch.Tensor],
+    config: QuantConfig,
+    samples: torch.Tensor,
+    *,
+    thresholds: tuple[float, ...] = ERROR_THRESHOLDS,
+    stride: int = ALPHA_SAMPLE_STRIDE,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[set[str], dict[str, Any]]:
+    """The fewest layers to keep in W8A16 for ``config.max_drift``, and the search as recorded.
+
+    Each layer's sensitivity is the output error of its W8A8 form on the float model's calibration
+    inputs. For each threshold, the model with every layer above it kept W8A16 is measured whole on
+    every ``stride``-th calibration sample (:func:`calibration_losses`); the candidate with the most
+    W8A8 layers whose calibration perplexity is within ``max_drift`` % of the float model's is kept
+    (if none is, even all-W8A16, that one, with a warning). The drift is measured on the calibration
+    text, so on other text it is an estimate.
+    """
+    budget = config.max_drift
+    base = dataclasses.replace(config, max_drift=None)
+    samples = samples[::stride]
+    candidates = [Candidate(base, t) for t in thresholds]
+    float_loss, losses, errors = calibration_losses(
+        model, read, candidates, samples, device=device, progress=progress, desc="Measuring layers"
+    )
+    drifts = [100 * (math.exp(v - float_loss) - 1) for v in losses]
+    kept = [sorted(n for n, e in errors.items() if e > t) for t in thresholds]
+    within = [k for k, d in enumerate(drifts) if d <= budget]
+    chosen = min(within, key=lambda k: len(kept[k])) if within else len(thresholds) - 1
+    if not within:
+        log.warning(
+            "no candidate meets --max-drift %g%% on the calibration text (all-W8A16 gives %.2f%%): keeping every "
+            "layer W8A16",
+            budget,
+            drifts[-1],
+        )
+    log.info(
+        "max-drift %g%%: %d of %d layers kept W8A16, calibration drift %.2f%% (%s)",
+        budget,
+        len(kept[chosen]),
+        len(errors),
+        drifts[chosen],
+        ", ".join(f"{len(k)} W8A16: {d:.2f}%" for k, d in zip(kept, drifts)),
+    )
+    record = {
+        "max_drift": budget,
+        "thresholds": [t if math.isfinite(t) else "inf" for t in thresholds],
+        "w8a16_layers": [len(k) for k in kept],
+        "calibration_drift_pct": [round(d, 4) for d in drifts],
+        "chosen": chosen,
+        "tokens": samples.shape[0] * (samples.shape[1] - 1),
+    }
+    return set(kept[chosen]), record
+
+
 @torch.no_grad()
 def calibration_losses(
     model: nn.Module,
     read: Callable[[str], torch.Tensor],
-    configs: list[QuantConfig],
+    candidates: list[Candidate],
     samples: torch.Tensor,
     *,
     device: torch.device | str = "cpu",
     progress: bool = True,
-) -> tuple[float, list[float]]:
-    """The mean next-token loss on ``samples`` of the float model and of the model quantized with
-    each of ``configs``, one decoder layer in memory at a time.
+    desc: str = "Measuring",
+) -> tuple[float, list[float], dict[str, float]]:
+    """The mean next-token loss on ``samples`` of the float model and of the model quantized as
+    each candidate says, one decoder layer in memory at a time; and, where a candidate keeps layers
+    W8A16 by their error, each layer's W8A8 output error.
 
-    The layers are read once; each is quantized once per config (from a copy of the float layer, with
-    the statistics the float model's inputs give it: what differs between configs is the quantization,
-    not the calibration), and each config's activations flow through its own quantized layers, so
-    every loss is that of a whole quantized model. Then the model's own head (final norm, output
-    projection in the checkpoint's dtype) turns each stream into logits. ``model`` is a skeleton, as
-    for :func:`quantize_layerwise`; use a copy: its modules are left changed.
+    The layers are read once; each is quantized once per candidate (from a copy of the float layer,
+    with the statistics the float model's inputs give it: what differs between candidates is the
+    quantization, not the calibration), and each candidate's activations flow through its own
+    quantized layers, so every loss is that of a whole quantized model. Then the model's own head
+    (final norm, output projection in the checkpoint's dtype) turns each stream into logits. A
+    layer's error is ``|Y_int8 - Y_float|^2 / |Y_float|^2`` of its output with the whole decoder
+    layer in W8A8, on the float inputs. ``model`` is a skeleton, as for :func:`quantize_layerwise`;
+    use a copy: its modules are left changed.
     """
     model.eval()
-    names = tuple(select_targets(model, configs[0]))
+    names = tuple(select_targets(model, candidates[0].config))
     stack_name, stack = decoder_stack(model)
     head = embeddings_of(model)[1]
     head_prefix = _module_prefix(model, head) if head is not None else None
     _materialize_outside(model, read, stack_name, head_prefix, torch.float32, device, lookup=True)
     calls = _capture_fp32(model, stack, samples, device)
     float_stream = [args[0] for args, _ in calls[0]]
-    streams = [[h.clone() for h in float_stream] for _ in configs]
-    search = any(needs_search(c) for c in configs)
+    streams = [[h.clone() for h in float_stream] for _ in candidates]
+    search = any(needs_search(c.config) for c in candidates)
+    sensitivity = any(math.isfinite(c.max_error) for c in candidates)
+    errors: dict[str, float] = {}
     as_tuple = False
-    for i in tqdm(range(len(stack)), desc="Trying alphas", unit="layer", disable=not progress):
+    for i in tqdm(range(len(stack)), desc=desc, unit="layer", disable=not progress):
         layer, prefix = stack[i], f"{stack_name}.{i}."
         _materialize(layer, prefix, read, torch.float32, device=device)
         layer_targets = {n: model.get_submodule(n) for n in names if n.startswith(prefix)}
         keep = recording(model, layer_targets) if search else contextlib.nullcontext()
-        with recording_amax(layer_targets) as stats, keep as recorded:
+        outs = _recording_outputs(layer_targets) if sensitivity else contextlib.nullcontext()
+        inputs = list(float_stream)
+        with recording_amax(layer_targets) as stats, keep as recorded, outs as float_outputs:
             for j, (args, kwargs) in enumerate(calls[i]):
                 out = layer(float_stream[j], *args[1:], **kwargs)
                 as_tuple = isinstance(out, (tuple, list))
                 float_stream[j] = _output(out)
         stats = {n: a.to(device) for n, a in stats.items()}
-        for cfg, stream in zip(configs, streams):
+
+        def quantized(config: QuantConfig, w8a16: set[str] = frozenset()) -> nn.Module:
+            """A copy of the float layer, quantized, in the stack's slot."""
             stack[i] = copy.deepcopy(layer)
             targets = {n: model.get_submodule(n) for n in layer_targets}
-            check_stats(targets, stats, cfg)
-            clips = search_layer(model, targets, recorded, stats, cfg) if needs_search(cfg) else {}
-            quantize_targets(model, targets, stats, cfg, clips=clips)
-            _forward(stack[i], stream, calls[i], update=True)
+            check_stats(targets, stats, config)
+            clips = search_layer(model, targets, recorded, stats, config) if needs_search(config) else {}
+            quantize_targets(model, targets, stats, config, clips=clips, w8a16=w8a16)
+            return stack[i]
+
+        if sensitivity:  # each linear's error in the W8A8 layer, on the float inputs
+            q = quantized(candidates[0].config)
+            with _recording_outputs({n: q.get_submodule(n[len(prefix) :]) for n in layer_targets}) as q_outputs:
+                _forward(q, inputs, calls[i], update=False)
+            for n in layer_targets:
+                ref, got = torch.cat(float_outputs[n]), torch.cat(q_outputs[n])
+                errors[n] = float((got - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30))
+            q_outputs = float_outputs = None
+        for cand, stream in zip(candidates, streams):
+            w8a16 = {n for n in layer_targets if errors.get(n, 0.0) > cand.max_error}
+            _forward(quantized(cand.config, w8a16), stream, calls[i], update=True)
         stack[i] = layer
         layer.to("meta")
-        calls[i] = recorded = None
+        calls[i] = recorded = inputs = None
 
     if head_prefix is not None and model.get_submodule(head_prefix[:-1]).weight.is_meta:  # untied
         _materialize(model.get_submodule(head_prefix[:-1]), head_prefix, read, None, device=device)
     losses = [_stream_loss(model, stack, s, samples, as_tuple, device) for s in (float_stream, *streams)]
-    return losses[0], losses[1:]
+    return losses[0], losses[1:], errors
+
+
+@contextlib.contextmanager
+def _recording_outputs(modules: dict[str, nn.Module], max_tokens: int = SEARCH_TOKENS):
+    """Inside the block, the outputs (``[tokens, out]`` fp32) of each module, up to ``max_tokens`` rows."""
+    kept: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    held = dict.fromkeys(modules, 0)
+
+    def hook_for(name: str):
+        def hook(_module, _args, out):
+            if held[name] < max_tokens:
+                y = out.detach().reshape(-1, out.shape[-1])[: max_tokens - held[name]].float()
+                kept[name].append(y)
+                held[name] += y.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
+    try:
+        yield kept
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class _Replay(nn.Module):

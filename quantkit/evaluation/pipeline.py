@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..config import (
+    CLI_DEFAULT_ALPHA,
     DEFAULT_EVAL_WINDOW,
     DEFAULT_EVAL_WINDOWS,
     DEFAULT_MAX_SHARD_SIZE,
@@ -35,7 +36,13 @@ from ..config import (
 )
 from ..core.calibration import DEFAULT_CALIBRATION, ActStats, make_samples, read_stats, read_texts
 from ..core.record import QuantRecord
-from ..core.sequential import Emit, choose_alpha, collect_stats_layerwise, quantize_layerwise
+from ..core.sequential import (
+    Emit,
+    choose_alpha,
+    choose_w8a16_layers,
+    collect_stats_layerwise,
+    quantize_layerwise,
+)
 from ..devices import device_name, resolve_device
 from ..errors import QuantkitError
 from ..formats import compressed_tensors, native
@@ -52,11 +59,13 @@ from . import measure
 log = logging.getLogger(__name__)
 
 # The variants the default job compares: weight-only, naive W8A8 and SmoothQuant W8A8 at the same
-# activation granularity, so the report isolates what smoothing buys.
+# activation granularity, so the report isolates what smoothing buys; SmoothQuant both at the paper's
+# fixed alpha and as quantkit does it by default (alpha chosen on the calibration text), side by side.
 DEFAULT_VARIANTS: dict[str, QuantConfig] = {
     "w8a16": QuantConfig(scheme="w8a16"),
     "w8a8-naive": QuantConfig(scheme="w8a8", smoothing="none"),
-    "w8a8-smoothquant": QuantConfig(scheme="w8a8"),
+    "w8a8-smoothquant-a0.5": QuantConfig(scheme="w8a8", alpha=0.5),
+    "w8a8-smoothquant": QuantConfig(scheme="w8a8", alpha=CLI_DEFAULT_ALPHA),
 }
 
 
@@ -132,6 +141,11 @@ def quantize_to_disk(
             "alpha 'auto' is chosen by quantizing at each candidate alpha on calibration text, which saved "
             "statistics do not hold: drop --stats, or give a fixed --alpha"
         )
+    if config.max_drift is not None and stats is not None:
+        raise QuantkitError(
+            "--max-drift measures the quantized model on calibration text, which saved statistics do not hold: "
+            "drop --stats"
+        )
     max_shard_bytes = parse_size(max_shard_size)
     device = resolve_device(device)
     check_output_dir(out, overwrite)
@@ -148,7 +162,7 @@ def quantize_to_disk(
         if isinstance(stats, (str, Path)):
             stats = _stats_for(stats, path, source_fingerprint)
         samples = None
-        if config.needs_calibration and stats is None:
+        if (config.needs_calibration or config.max_drift is not None) and stats is None:
             samples = make_samples(tokenizer, read_texts(calibration or DEFAULT_CALIBRATION), n_samples, seq_len)
             measure.release_free_heap()  # what tokenizing the whole text allocated
             log.info(
@@ -164,6 +178,13 @@ def quantize_to_disk(
             run_config = dataclasses.replace(config, alpha=alpha_search.chosen)
             gc.collect()
             measure.release_free_heap()
+        w8a16, drift_search = frozenset(), None
+        if config.max_drift is not None:
+            w8a16, drift_search = choose_w8a16_layers(
+                copy.deepcopy(skeleton), _finite(reader.get), run_config, samples, device=device, progress=progress
+            )
+            gc.collect()
+            measure.release_free_heap()
         with atomic_output_dir(out, overwrite) as tmp, ShardWriter(tmp, max_shard_bytes) as writer:
             quantize_layerwise(
                 skeleton,
@@ -175,6 +196,7 @@ def quantize_to_disk(
                 emit=_trimming(fmt_module.tensor_emitter(writer)),
                 propagate=propagate,
                 read_rows=_finite(reader.get_rows),
+                w8a16=w8a16,
                 device=device,
                 fold_producers=export
                 and config.scheme == "w8a8"
@@ -183,12 +205,13 @@ def quantize_to_disk(
                 progress=progress,
             )
             skeleton.config.quantization_config["source_fingerprint"] = source_fingerprint
-            if alpha_search is not None:  # the record says what was asked (auto) and what it chose
+            if alpha_search is not None or drift_search is not None:  # what was asked, what it chose
                 record = QuantRecord.from_dict(skeleton.config.quantization_config)
                 skeleton.config.quantization_config = dataclasses.replace(
                     record,
-                    config=dataclasses.replace(record.config, alpha=config.alpha),
-                    alpha_search=alpha_search.to_record(),
+                    config=dataclasses.replace(record.config, alpha=config.alpha, max_drift=config.max_drift),
+                    alpha_search=alpha_search and alpha_search.to_record(),
+                    drift_search=drift_search,
                 ).to_dict()
             writer.close()
             fmt_module.write_metadata(skeleton, tmp, tokenizer)

@@ -98,6 +98,10 @@ def _plots(results: dict[str, Any]) -> list[str]:
         )
     )
 
+    searched = [r for r in rows if (r.get("config") or {}).get("alpha_search")]
+    if searched:
+        figures.append(_alpha_search_figure(searched, colors))
+
     layered = [r for r in rows if r.get("layer_sqnr_db")]
     if layered:
         names0 = list(layered[0]["layer_sqnr_db"])
@@ -125,6 +129,32 @@ def _plots(results: dict[str, Any]) -> list[str]:
             "<code>quantkit eval</code> record it.</p></figure>"
         )
     return figures
+
+
+def _alpha_search_figure(rows: list[dict[str, Any]], colors: dict[str, str]) -> str:
+    """What ``alpha="auto"`` tried: the calibration perplexity increase at each candidate alpha."""
+    first = rows[0]["config"]["alpha_search"]
+    alphas = first["alphas"]
+    series, chosen = [], []
+    for r in rows:
+        block = r["config"]["alpha_search"]
+        if block["alphas"] != alphas:  # another grid: not on the same axis
+            continue
+        drift = [100 * (math.exp(v - block["float_loss"]) - 1) for v in block["calibration_loss"]]
+        series.append((r["name"], drift, colors[r["name"]]))
+        chosen.append(f"{esc(r['name'])}: {block['chosen']:g}")
+    marks = [(i, f"{a:g}") for i, a in enumerate(alphas)]
+    return _figure(
+        line_plot(
+            series,
+            "alpha auto: calibration perplexity increase by alpha",
+            "SmoothQuant alpha (every group)",
+            "calibration perplexity vs float (%)",
+            x_marks=marks,
+        ),
+        f"The model quantized at each candidate alpha, measured on {first.get('tokens', '?')} calibration tokens "
+        f"(not the evaluation text); the lowest is kept. Chosen: {'; '.join(chosen)}.",
+    )
 
 
 def _block_marks(names: list[str], max_marks: int = 8) -> list[tuple[int, str]]:
@@ -163,7 +193,7 @@ def _scheme(row: dict[str, Any]) -> str:
     from ..core.record import QuantRecord
 
     record = QuantRecord.from_dict(cfg)
-    return f"{record.config.label}; {record.embeddings_label}"
+    return f"{record.label}; {record.embeddings_label}"
 
 
 def _provenance(results: dict[str, Any]) -> str:

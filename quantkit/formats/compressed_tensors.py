@@ -78,7 +78,12 @@ def export_config(config: QuantConfig) -> QuantConfig:
 
 
 def quantize_for_export(
-    model: nn.Module, config: QuantConfig, stats: ActStats | None = None, *, progress: bool = True
+    model: nn.Module,
+    config: QuantConfig,
+    stats: ActStats | None = None,
+    *,
+    w8a16: set[str] | frozenset[str] = frozenset(),
+    progress: bool = True,
 ) -> nn.Module:
     """Quantize a float model in place into exactly what a compressed-tensors checkpoint can hold.
 
@@ -97,7 +102,7 @@ def quantize_for_export(
             raise QuantkitError(f"{config.label} needs calibration statistics: run quantkit.calibrate() first")
         stats, folded = smoothquant.fold_pre_scales(model, select_targets(model, config), stats, config)
         log.info("compressed-tensors export: %d run-time pre-scales folded into producing layers", len(folded))
-    quantize(model, export_config(config), stats, progress=progress)
+    quantize(model, export_config(config), stats, w8a16=w8a16, progress=progress)
     round_scales(model)
     return model
 
@@ -149,8 +154,12 @@ def unpack_int8(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return (lanes[:, :cols] - 128).to(torch.int8)
 
 
-def ct_quantization_config(qconfig: QuantConfig, ignore: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` block of ``config.json`` for ``qconfig``."""
+def ct_quantization_config(qconfig: QuantConfig, ignore: list[str], w8a16: dict[str, bool] | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` block of ``config.json`` for ``qconfig``.
+
+    ``w8a16``: for a W8A8 checkpoint that keeps some layers W8A16 (``--max-drift``), every quantized
+    layer by name, True for the W8A16 ones; they then form two config groups that name their layers,
+    in the ``mixed-precision`` format."""
     weights = {
         "num_bits": 8,
         "type": "int",
@@ -171,19 +180,22 @@ def ct_quantization_config(qconfig: QuantConfig, ignore: list[str]) -> dict[str,
             "dynamic": not static,
         }
     fmt = CT_FORMAT[qconfig.scheme]
+
+    def group(targets: list[str], acts: dict | None, fmt: str) -> dict[str, Any]:
+        return {"targets": targets, "weights": weights, "input_activations": acts, "output_activations": None, "format": fmt}
+
+    groups = {"group_0": group(["Linear"], acts, fmt)}
+    if w8a16 and any(w8a16.values()):
+        groups = {
+            "group_0": group(sorted(n for n, w in w8a16.items() if not w), acts, fmt),
+            "group_1": group(sorted(n for n, w in w8a16.items() if w), None, CT_FORMAT["w8a16"]),
+        }
+        fmt = "mixed-precision"
     block = {
         "quant_method": "compressed-tensors",
         "format": fmt,
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": acts,
-                "output_activations": None,
-                "format": fmt,
-            }
-        },
+        "config_groups": groups,
         "ignore": ignore,
         "kv_cache_scheme": None,
         "sparsity_config": {},
@@ -285,7 +297,8 @@ def write_metadata(model: nn.Module, folder: Path, tokenizer=None) -> None:
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     config = model.config.to_dict()
     config["dtype"] = str(float_dtype(model)).removeprefix("torch.")  # model.to() leaves config.dtype stale
-    config["quantization_config"] = ct_quantization_config(qconfig, ignore)
+    mixed = {m: record.scheme_of(m) == "w8a16" for m in record.modules} if record.w8a16_modules else None
+    config["quantization_config"] = ct_quantization_config(qconfig, ignore, mixed)
     provenance = {
         "tool": "quantkit",
         "quantkit_config": record.to_dict(),

@@ -149,9 +149,9 @@ def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
             problems.append(f"{m}: weight {list(w.shape)} but the architecture has {list(linears.get(m) or [])}")
         if s is None or s.dtype != "F32" or s.shape != (w.shape[0],):
             problems.append(f"{m}: weight_scale is not fp32 [{w.shape[0]}]")
-        if qconfig.scheme == "w8a16" and (m in pre_scaled or m in static):
+        if record.scheme_of(m) == "w8a16" and (m in pre_scaled or m in static):
             problems.append(f"{m}: W8A16 layer with activation tensors")
-        if qconfig.scheme == "w8a8" and (m in static) != (qconfig.activations == "per_tensor"):
+        if record.scheme_of(m) == "w8a8" and (m in static) != (qconfig.activations == "per_tensor"):
             problems.append(f"{m}: input_scale {'present' if m in static else 'missing'} for {qconfig.activations}")
     embeddings = [n for n in (record.input_embedding, record.output_embedding) if n]
     for m in embeddings:
@@ -187,7 +187,7 @@ def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
     return CheckpointInfo(
         path=str(path),
         format=f"quantkit (format version {qc.get('format_version')})",
-        scheme=qconfig.label,
+        scheme=record.label,
         model_type=config.get("model_type", "?"),
         dtype=str(config.get("dtype") or config.get("torch_dtype") or "?"),
         tool=f"quantkit {record.tool_version}",

@@ -281,7 +281,7 @@ def swap_in_empty_modules(model: nn.Module, record: QuantRecord, keys: set[str],
         return make_empty(scheme, in_f, out_f, has_bias, dtype, device="meta", **kw)
 
     for name in record.modules:
-        replace_module(model, name, empty_linear(name, record.config.scheme))
+        replace_module(model, name, empty_linear(name, record.scheme_of(name)))
     embedding = None
     if record.input_embedding:
         float_emb = float_module(record.input_embedding)

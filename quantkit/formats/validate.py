@@ -72,9 +72,9 @@ def tensor_problems(model: nn.Module, record: QuantRecord, infos: Mapping[str, T
     config = record.config
     for m in record.modules:
         smooth, static = f"{m}.smooth_inv" in infos, f"{m}.input_scale" in infos
-        if config.scheme == "w8a16" and (smooth or static):
+        if record.scheme_of(m) == "w8a16" and (smooth or static):
             problems.append(f"{m} has activation tensors (smooth_inv/input_scale) but the scheme is W8A16")
-        elif config.scheme == "w8a8" and static != (config.activations == "per_tensor"):
+        elif record.scheme_of(m) == "w8a8" and static != (config.activations == "per_tensor"):
             has = "has" if static else "lacks"
             problems.append(f"{m} {has} an input_scale but the config says {config.activations} activations")
         if smooth and config.smoothing == "none":

@@ -105,10 +105,15 @@ def test_run_writes_html_report_with_table_and_plots(tiny_run):
     for svg in svgs:
         ET.fromstring(svg)  # each plot is well-formed SVG
     assert "<table>" in page and "<script" not in page and "http" not in page.replace('xmlns="http', "")
-    for title in ("Perplexity vs checkpoint size", "Speed relative to bf16", "Per-layer output error"):
+    for title in (
+        "Perplexity vs checkpoint size",
+        "Speed relative to bf16",
+        "Per-layer output error",
+        "alpha auto: calibration perplexity increase by alpha",
+    ):
         assert title in page
     results = json.loads((tiny_run / "results.json").read_text())
-    for variant in ("w8a16", "w8a8-naive", "w8a8-smoothquant"):
+    for variant in ("w8a16", "w8a8-naive", "w8a8-smoothquant-a0.5", "w8a8-smoothquant"):
         assert f"<td>{variant}<br>" in page
         row = next(r for r in results["rows"] if r["name"] == variant)
         layers = row["layer_sqnr_db"]

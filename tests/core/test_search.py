@@ -16,7 +16,7 @@ from quantkit.core import search
 from quantkit.core.calibration import collect_stats
 from quantkit.core.modules import W8A8Linear
 from quantkit.core.record import QuantRecord
-from quantkit.core.sequential import calibration_losses, choose_alpha
+from quantkit.core.sequential import Candidate, calibration_losses, choose_alpha
 
 
 def _skeleton(config):
@@ -54,9 +54,10 @@ def test_calibration_losses_are_those_of_the_quantized_models(arch):
     samples = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     configs = [QuantConfig(alpha=a, embeddings="float") for a in (0.0, 0.5, 0.9)]
     state = {k: v.clone() for k, v in float_model.state_dict().items()}
-    float_loss, losses = calibration_losses(
-        _skeleton(float_model.config), state.__getitem__, configs, samples, progress=False
+    float_loss, losses, errors = calibration_losses(
+        _skeleton(float_model.config), state.__getitem__, [Candidate(c) for c in configs], samples, progress=False
     )
+    assert errors == {}  # no candidate keeps layers by their error: none measured
     assert float_loss == pytest.approx(_loss(float_model, samples), rel=1e-5)
     stats = collect_stats(float_model, samples, quantkit.select_targets(float_model, configs[0]), progress=False)
     expected = [
@@ -161,3 +162,89 @@ def test_static_clip_search_finds_the_least_error_clip_and_beats_abs_max():
     best, errors = _brute_force_clip(linear, x, stats[name])
     assert clips == {name: best}
     assert best < 1.0 and errors[best] < errors[1.0] / 2
+
+
+def test_quantize_keeps_named_layers_w8a16_and_they_round_trip(tmp_path):
+    from quantkit.core.modules import W8A16Linear
+
+    float_model = _with_outliers("llama")
+    config = QuantConfig()
+    stats = collect_stats(
+        float_model, torch.randint(0, 256, (3, 16)), quantkit.select_targets(float_model, config), progress=False
+    )
+    names = quantkit.select_targets(float_model, config)
+    keep = {n for n in names if n.endswith(("down_proj", "q_proj"))}  # one pre-scaled, one norm-folded kind
+    model = quantkit.quantize(copy.deepcopy(float_model), config, stats, w8a16=keep, progress=False)
+    kinds = {n: type(model.get_submodule(n)) for n in names}
+    assert {n for n, k in kinds.items() if k is W8A16Linear} == keep
+    assert all(model.get_submodule(n).smooth_inv is None or n not in keep for n in names if kinds[n] is W8A8Linear)
+    record = quantkit.QuantRecord.from_dict(model.config.quantization_config)
+    assert set(record.w8a16_modules) == keep and record.to_dict()["format_version"] == 4
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        # the float function is kept: weight-only layers read the smoothed norm output with smoothed weights
+        reference = float_model(input_ids=ids).logits
+        assert (expected - reference).norm() < 0.05 * reference.norm()
+        quantkit.save(model, tmp_path / "q")
+        loaded = quantkit.load(tmp_path / "q")
+        assert {n for n in names if isinstance(loaded.get_submodule(n), W8A16Linear)} == keep
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+@pytest.fixture(scope="module")
+def outlier_model_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama with the default tokenizer whose norms put 3 channels 40x above the rest: W8A8
+    costs it loss (a plain random model's loss is flat, quantized or not)."""
+    path = tmp_path_factory.mktemp("outliers") / "llama"
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("norm"):
+                module.weight[:3] *= 40
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_max_drift_keeps_the_layers_it_records(outlier_model_dir, tmp_path):
+    from quantkit.core.modules import W8A16Linear
+    from quantkit.evaluation.pipeline import quantize_to_disk
+
+    budgets, kept = [900.0], {}
+    for budget in budgets:
+        out = quantize_to_disk(
+            outlier_model_dir, tmp_path / f"q{len(kept)}", QuantConfig(max_drift=budget), n_samples=4, seq_len=32,
+            progress=False,
+        )
+        record = quantkit.read_record(out)
+        search_block = record.drift_search
+        chosen, drifts, counts = search_block["chosen"], search_block["calibration_drift_pct"], search_block["w8a16_layers"]
+        model = quantkit.load(out)
+        w8a16 = {n for n in record.modules if isinstance(model.get_submodule(n), W8A16Linear)}
+        assert w8a16 == set(record.w8a16_modules)
+        assert len(w8a16) == counts[chosen] and record.config.max_drift == budget
+        assert drifts[chosen] <= budget or chosen == len(drifts) - 1
+        # no candidate with fewer W8A16 layers met the budget
+        assert all(d > budget for d, c in zip(drifts, counts) if c < len(w8a16))
+        kept[budget] = len(w8a16)
+        if len(budgets) == 1:  # then a budget below what all-W8A8 gives
+            assert counts[0] == 0 and counts[-1] == len(record.modules) and drifts[0] > 0, search_block
+            budgets.append(drifts[0] / 2)
+    assert kept[900.0] == 0  # a budget everything meets keeps every layer W8A8
+    assert kept[budgets[1]] > 0
+
+
+def test_max_drift_is_checked():
+    with pytest.raises(QuantkitError, match="max_drift"):
+        QuantConfig(max_drift=0)
+    with pytest.raises(QuantkitError, match="W8A8"):
+        QuantConfig(scheme="w8a16", max_drift=1.0)
+    with pytest.raises(QuantkitError, match="w8a16="):
+        quantkit.quantize(make_tiny("llama"), QuantConfig(max_drift=1.0), {})
+    assert "max_drift" not in QuantConfig().to_dict()  # format-3 readers still take the block

@@ -14,7 +14,7 @@ import transformers
 
 import quantkit
 from quantkit.evaluation import measure as evaluate
-from quantkit.evaluation.pipeline import DEFAULT_VARIANTS
+from quantkit.evaluation.pipeline import DEFAULT_VARIANTS, quantize_to_disk
 
 pytestmark = pytest.mark.slow
 WINDOWS = 32
@@ -32,7 +32,14 @@ def measured(default_model_dir, tmp_path_factory):
     results["bf16_total_bytes"] = evaluate.weight_bytes(bf16)["total"]
     models = {}
     for name, config in DEFAULT_VARIANTS.items():
-        q = quantkit.quantize(copy.deepcopy(model), config, stats, progress=False)
+        if config.auto_alpha:  # chosen by quantizing at each candidate: the layer-by-layer pipeline
+            path = quantize_to_disk(
+                default_model_dir, tmp_path_factory.mktemp("auto") / name, config, progress=False
+            )
+            q = quantkit.load(path, dtype=torch.float32)
+            results[f"{name}_alpha"] = quantkit.read_record(path).alpha_search["chosen"]
+        else:
+            q = quantkit.quantize(copy.deepcopy(model), config, stats, progress=False)
         results[name] = evaluate.perplexity(q, batch, progress=False)
         models[name] = q
     out = tmp_path_factory.mktemp("ck") / "w8a8"
@@ -57,6 +64,14 @@ def test_smoothquant_w8a8_drift_at_most_two_percent_and_clearly_below_naive(meas
     assert sq <= 2.0
     # "clearly below": smoothing removes at least a third of naive W8A8's drift
     assert sq < naive * 2 / 3, (sq, naive)
+
+
+def test_auto_alpha_drift_at_most_0_8_percent_and_below_the_fixed_alpha(measured):
+    """alpha chosen on the calibration text (Persuasion) alone; drift measured on Emma."""
+    results, _, _ = measured
+    auto, fixed = _drift(results, "w8a8-smoothquant"), _drift(results, "w8a8-smoothquant-a0.5")
+    assert DEFAULT_VARIANTS["w8a8-smoothquant"].auto_alpha
+    assert auto <= 0.8 and auto < fixed, (auto, fixed, results["w8a8-smoothquant_alpha"])
 
 
 def test_quantized_linear_weights_at_most_53_percent_of_bf16(measured):

@@ -322,3 +322,26 @@ def test_default_model_w8a8_export_keeps_smoothquant_accuracy(default_float):
     quantkit.formats.compressed_tensors.round_scales(q, torch.bfloat16)
     drift = 100 * (evaluate.perplexity(q, batch, progress=False) / base - 1)
     assert drift <= 2.0, drift
+
+
+def test_mixed_w8a8_w8a16_export_is_two_config_groups_and_loads(tmp_path):
+    """--max-drift keeps some layers W8A16 in a W8A8 model: the export names each group's layers in the
+    mixed-precision format; compressed-tensors decompresses, and transformers loads, quantkit's weights."""
+    model = make_tiny("qwen3").to(torch.bfloat16)
+    names = quantkit.select_targets(model, CONFIGS["w8a8"])
+    keep = {n for n in names if n.endswith(("down_proj", "k_proj"))}
+    quantize_for_export(model, CONFIGS["w8a8"], _stats(model), w8a16=keep, progress=False)
+    out = save_compressed_tensors(model, tmp_path / "mixed")
+    assert_matches_quantkit(out, model)
+    qcfg = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert qcfg.format == "mixed-precision"
+    groups = {g.format: g for g in qcfg.config_groups.values()}
+    assert set(groups["pack-quantized"].targets) == keep and groups["pack-quantized"].input_activations is None
+    assert set(groups["int-quantized"].targets) == set(names) - keep
+    assert groups["int-quantized"].input_activations.strategy == "token"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        loaded(input_ids=torch.randint(0, 256, (1, 4)))
+    for layer, m in _quant_modules(model).items():
+        expected = dequantize(m.weight, m.weight_scale[:, None], torch.bfloat16)
+        assert torch.equal(loaded.get_submodule(layer).weight, expected), layer
