@@ -6,14 +6,14 @@ import json
 import logging
 from pathlib import Path
 
-from ..config import QuantConfig
+from ..config import CLI_DEFAULT_ALPHA, DEFAULT_ALPHA, QuantConfig
 from ..errors import QuantkitError
 
 log = logging.getLogger("quantkit")
 
 
 def _cmd_run(args, progress: bool) -> None:
-    from ..evaluation.pipeline import run_default_job
+    from ..evaluation.default_job import run_default_job
 
     run_default_job(
         args.model,
@@ -34,11 +34,16 @@ def _cmd_run(args, progress: bool) -> None:
 def _cmd_quantize(args, progress: bool) -> None:
     from ..evaluation.pipeline import quantize_to_disk
 
+    alpha = args.alpha
+    if alpha is None:
+        alpha = CLI_DEFAULT_ALPHA if args.stats is None else DEFAULT_ALPHA
+        if args.stats is not None and args.scheme == "w8a8" and not args.no_smooth:
+            log.info("alpha %s: saved statistics cannot be searched for alpha (give --alpha to choose)", alpha)
     config = QuantConfig(
         scheme=args.scheme,
         activations=args.activations,
         smoothing="none" if args.no_smooth else "smoothquant",
-        alpha=args.alpha,
+        alpha=alpha,
         fallback_smoothing=not args.no_fallback_smoothing,
         include=tuple(args.include),
         exclude=tuple(args.exclude),

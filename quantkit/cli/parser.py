@@ -13,6 +13,7 @@ from ..config import (
     ACT_GRANULARITIES,
     AUTO,
     CLI_DEFAULT_ALPHA,
+    DEFAULT_ALPHA,
     DEFAULT_EVAL_WINDOW,
     DEFAULT_EVAL_WINDOWS,
     DEFAULT_MAX_SHARD_SIZE,
@@ -135,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "run",
         help="the whole job on one model: calibrate, write W8A16 / naive W8A8 / SmoothQuant W8A8, evaluate, report",
-        description="Calibrate once, write the W8A16, naive W8A8 and SmoothQuant W8A8 checkpoints, evaluate them "
-        "against the float model in bf16 and fp32 in one run, and write results.json and report.md.",
+        description="Write the W8A16, naive W8A8 and SmoothQuant W8A8 (alpha 0.5 and alpha auto) checkpoints, "
+        "evaluate them against the float model in bf16 and fp32 in one run, and write results.json, report.md "
+        "and report.html.",
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"local model folder or '{DEFAULT_MODEL}' (default)")
     p.add_argument(
@@ -173,11 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--alpha",
         type=_alpha,
-        default=CLI_DEFAULT_ALPHA,
+        default=None,
         help="SmoothQuant migration strength in [0, 1], or 'auto': the model is quantized at each alpha of a "
         "grid (0.4-0.9) and measured whole on half the calibration samples; the alpha with the lowest "
         "calibration loss is used and recorded in the checkpoint (about 2.5x the time of a fixed alpha). "
-        "Default: %(default)s",
+        f"Default: {CLI_DEFAULT_ALPHA}; {DEFAULT_ALPHA} with --stats (saved statistics cannot be searched)",
     )
     p.add_argument("--no-smooth", action="store_true", help="W8A8 without SmoothQuant (naive; for comparison)")
     p.add_argument(

@@ -115,7 +115,7 @@ class QuantRecord:
 
     @property
     def label(self) -> str:
-        """The config's label, with the alpha ``alpha="auto"`` chose, e.g. ``W8A8 SmoothQuant a=auto (0.65) per-token``."""
+        """The config's label with what the searches chose, e.g. ``W8A8 SmoothQuant a=auto (0.65) per-token``."""
         label = self.config.label
         if self.alpha_search:
             label = label.replace("a=auto", f"a=auto ({self.alpha_search['chosen']:g})")

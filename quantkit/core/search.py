@@ -66,7 +66,7 @@ def group_parent(names: list[str]) -> str:
     """The innermost module holding every linear of a group (e.g. ``model.layers.3.self_attn``)."""
     parts = [n.split(".") for n in names]
     common = []
-    for level in zip(*parts):
+    for level in zip(*parts, strict=False):  # names of any depths
         if len(set(level)) > 1:
             break
         common.append(level[0])
@@ -83,9 +83,7 @@ class Recorded(NamedTuple):
 
 
 @contextlib.contextmanager
-def recording(
-    model: nn.Module, modules: dict[str, nn.Module], max_tokens: int = SEARCH_TOKENS
-) -> Iterator[Recorded]:
+def recording(model: nn.Module, modules: dict[str, nn.Module], max_tokens: int = SEARCH_TOKENS) -> Iterator[Recorded]:
     """Inside the block, the inputs of each linear in ``modules`` and the calls of the modules that
     hold several of them (see :func:`group_parent`) are kept until ``max_tokens`` tokens are held.
     Linears that read the same tensor share it."""
@@ -195,14 +193,16 @@ class _Group:
     def error(self, alpha: float | None, clip: float) -> float:
         """The relative squared error of the outputs with the group quantized (see the module docstring)."""
         s = None if alpha is None else smoothing_scale(self.act_amax, self.w_amax, alpha)
-        for name, lin, w in zip(self.names, self.linears, self.weights):
+        for name, lin, w in zip(self.names, self.linears, self.weights, strict=True):
             replace_module(self.model, name, _quantized(lin, w, s, self.act_amax, clip))
         try:
             outputs = self._outputs()
         finally:
-            for name, lin in zip(self.names, self.linears):
+            for name, lin in zip(self.names, self.linears, strict=True):
                 replace_module(self.model, name, lin)
-        return sum(float((o - r).pow(2).sum()) / e for o, r, e in zip(outputs, self.reference, self.energy))
+        return sum(
+            float((o - r).pow(2).sum()) / e for o, r, e in zip(outputs, self.reference, self.energy, strict=True)
+        )
 
     def best_clip(self, alpha: float | None) -> float:
         errors = {c: self.error(alpha, c) for c in CLIP_GRID}

@@ -90,7 +90,9 @@ def smoothing_groups(
 def _alpha(config: QuantConfig) -> float:
     """``config.alpha``, which by now must be a number (``"auto"`` is resolved before quantizing)."""
     if config.alpha == "auto":
-        raise QuantkitError("alpha='auto' must be resolved to a number before smoothing (see quantkit.quantize_to_disk)")
+        raise QuantkitError(
+            "alpha='auto' must be resolved to a number before smoothing (see quantkit.quantize_to_disk)"
+        )
     return config.alpha
 
 

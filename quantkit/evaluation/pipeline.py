@@ -12,12 +12,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import json
 import logging
 import math
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,6 @@ import torch
 from torch import nn
 
 from ..config import (
-    CLI_DEFAULT_ALPHA,
     DEFAULT_EVAL_WINDOW,
     DEFAULT_EVAL_WINDOWS,
     DEFAULT_MAX_SHARD_SIZE,
@@ -35,14 +32,9 @@ from ..config import (
     QuantConfig,
 )
 from ..core.calibration import DEFAULT_CALIBRATION, ActStats, make_samples, read_stats, read_texts
+from ..core.probe import choose_alpha, choose_w8a16_layers
 from ..core.record import QuantRecord
-from ..core.sequential import (
-    Emit,
-    choose_alpha,
-    choose_w8a16_layers,
-    collect_stats_layerwise,
-    quantize_layerwise,
-)
+from ..core.sequential import Emit, collect_stats_layerwise, quantize_layerwise
 from ..devices import device_name, resolve_device
 from ..errors import QuantkitError
 from ..formats import compressed_tensors, native
@@ -57,16 +49,6 @@ from ..qmath import all_finite
 from . import measure
 
 log = logging.getLogger(__name__)
-
-# The variants the default job compares: weight-only, naive W8A8 and SmoothQuant W8A8 at the same
-# activation granularity, so the report isolates what smoothing buys; SmoothQuant both at the paper's
-# fixed alpha and as quantkit does it by default (alpha chosen on the calibration text), side by side.
-DEFAULT_VARIANTS: dict[str, QuantConfig] = {
-    "w8a16": QuantConfig(scheme="w8a16"),
-    "w8a8-naive": QuantConfig(scheme="w8a8", smoothing="none"),
-    "w8a8-smoothquant-a0.5": QuantConfig(scheme="w8a8", alpha=0.5),
-    "w8a8-smoothquant": QuantConfig(scheme="w8a8", alpha=CLI_DEFAULT_ALPHA),
-}
 
 
 def calibrate_layerwise(
@@ -419,65 +401,3 @@ def _add_peak_memory(
     )
     if mem is not None:
         speed["peak_memory_bytes"] = mem["peak_memory_bytes"]
-
-
-def run_default_job(
-    model: str,
-    out: Path,
-    *,
-    overwrite: bool = False,
-    n_windows: int = DEFAULT_EVAL_WINDOWS,
-    calibration: str | None = None,
-    n_samples: int = DEFAULT_SAMPLES,
-    seq_len: int = DEFAULT_SEQ_LEN,
-    measure_speed: bool = True,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Write every default variant, evaluate them all against the float model, write the report
-    (all of it on ``device``)."""
-    from .layer_error import attach_layer_errors
-    from .report_html import write_html
-    from .report_md import write_markdown
-
-    t0 = time.time()
-    device = resolve_device(device)
-    check_output_dir(out, overwrite)
-    path = resolve(model, progress=progress)
-    with CheckpointReader(path) as reader:  # room for every variant, before the first one starts
-        check_destination(out, source=path, needed_bytes=len(DEFAULT_VARIANTS) * estimated_output_bytes(reader))
-    with atomic_output_dir(out, overwrite) as tmp:
-        checkpoints = {}
-        for name, config in DEFAULT_VARIANTS.items():  # each calibrates itself if it needs to, layer by layer
-            checkpoints[name] = quantize_to_disk(
-                path,
-                tmp / name,
-                config,
-                calibration=calibration,
-                n_samples=n_samples,
-                seq_len=seq_len,
-                dtype="bfloat16",
-                device=device,
-                progress=progress,
-            )
-            gc.collect()
-        results = evaluate_all(
-            path, checkpoints, n_windows=n_windows, measure_speed=measure_speed, device=device, progress=progress
-        )
-        # Paths inside the results point at the final folder, not the temporary one.
-        for row in results["rows"]:
-            if "path" in row:
-                row["path"] = str(out / Path(row["path"]).name)
-        results["calibration"] = {
-            "text": Path(calibration or DEFAULT_CALIBRATION).name,
-            "samples": n_samples,
-            "seq_len": seq_len,
-        }
-        attach_layer_errors(
-            results, path, checkpoints, device=device, progress=progress
-        )  # per-layer plot of report.html
-        results["wall_seconds"] = round(time.time() - t0, 1)
-        (tmp / "results.json").write_text(json.dumps(results, indent=2))
-        write_markdown([results], tmp / "report.md")
-        write_html([results], tmp / "report.html", titles=[f"{model} ({out.name})"])
-    return results

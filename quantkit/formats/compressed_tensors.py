@@ -154,7 +154,9 @@ def unpack_int8(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return (lanes[:, :cols] - 128).to(torch.int8)
 
 
-def ct_quantization_config(qconfig: QuantConfig, ignore: list[str], w8a16: dict[str, bool] | None = None) -> dict[str, Any]:
+def ct_quantization_config(
+    qconfig: QuantConfig, ignore: list[str], w8a16: dict[str, bool] | None = None
+) -> dict[str, Any]:
     """The ``quantization_config`` block of ``config.json`` for ``qconfig``.
 
     ``w8a16``: for a W8A8 checkpoint that keeps some layers W8A16 (``--max-drift``), every quantized
@@ -182,7 +184,13 @@ def ct_quantization_config(qconfig: QuantConfig, ignore: list[str], w8a16: dict[
     fmt = CT_FORMAT[qconfig.scheme]
 
     def group(targets: list[str], acts: dict | None, fmt: str) -> dict[str, Any]:
-        return {"targets": targets, "weights": weights, "input_activations": acts, "output_activations": None, "format": fmt}
+        return {
+            "targets": targets,
+            "weights": weights,
+            "input_activations": acts,
+            "output_activations": None,
+            "format": fmt,
+        }
 
     groups = {"group_0": group(["Linear"], acts, fmt)}
     if w8a16 and any(w8a16.values()):

@@ -28,8 +28,8 @@ def checkpoints(tiny_model_dir, tmp_path_factory):
 def test_inspect_quantkit_checkpoint(checkpoints, capsys):
     assert main(["inspect", str(checkpoints / "w8a8")]) == 0
     out = capsys.readouterr().out
-    assert "quantkit (format version 3), written by quantkit 0.1.0" in out
-    assert "W8A8 SmoothQuant a=0.5 per-token" in out
+    assert "quantkit (format version 4), written by quantkit 0.1.0" in out  # 4: it records the alpha search
+    assert re.search(r"W8A8 SmoothQuant a=auto \(0\.\d+\) per-token", out), out
     assert "quantized   14 linear layers (q_proj x2, k_proj x2, v_proj x2, o_proj x2, gate_proj x2" in out
     assert "skipped     0 linear layers" in out  # lm_head: int8 with the embeddings
     assert "embeddings  int8 (per-row scales): model.embed_tokens + lm_head; lm_head runs weight-only" in out

@@ -15,8 +15,8 @@ from quantkit import QuantConfig, QuantkitError
 from quantkit.core import search
 from quantkit.core.calibration import collect_stats
 from quantkit.core.modules import W8A8Linear
+from quantkit.core.probe import Candidate, calibration_losses, choose_alpha
 from quantkit.core.record import QuantRecord
-from quantkit.core.sequential import Candidate, calibration_losses, choose_alpha
 
 
 def _skeleton(config):
@@ -80,7 +80,9 @@ def test_choose_alpha_picks_the_alpha_with_the_lowest_quantized_loss():
     stats = collect_stats(float_model, samples, quantkit.select_targets(float_model, config), progress=False)
     measured = {
         a: _loss(
-            quantkit.quantize(copy.deepcopy(float_model), QuantConfig(alpha=a, embeddings="float"), stats, progress=False),
+            quantkit.quantize(
+                copy.deepcopy(float_model), QuantConfig(alpha=a, embeddings="float"), stats, progress=False
+            ),
             samples,
         )
         for a in alphas
@@ -100,7 +102,10 @@ def test_auto_alpha_round_trips_through_the_checkpoint(tiny_model_dir, tmp_path)
     assert record.config.alpha == "auto"
     search_block = record.alpha_search
     assert search_block["chosen"] in search_block["alphas"]
-    assert search_block["chosen"] == search_block["alphas"][min(range(11), key=search_block["calibration_loss"].__getitem__)]
+    assert (
+        search_block["chosen"]
+        == search_block["alphas"][min(range(11), key=search_block["calibration_loss"].__getitem__)]
+    )
     assert search_block["tokens"] == 2 * 31  # every other sample
     assert QuantRecord.from_dict(record.to_dict()) == record
     assert record.to_dict()["format_version"] == 4
@@ -198,8 +203,12 @@ def outlier_model_dir(tmp_path_factory, tokenizer):
     costs it loss (a plain random model's loss is flat, quantized or not)."""
     path = tmp_path_factory.mktemp("outliers") / "llama"
     config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -219,19 +228,27 @@ def test_max_drift_keeps_the_layers_it_records(outlier_model_dir, tmp_path):
     budgets, kept = [900.0], {}
     for budget in budgets:
         out = quantize_to_disk(
-            outlier_model_dir, tmp_path / f"q{len(kept)}", QuantConfig(max_drift=budget), n_samples=4, seq_len=32,
+            outlier_model_dir,
+            tmp_path / f"q{len(kept)}",
+            QuantConfig(max_drift=budget),
+            n_samples=4,
+            seq_len=32,
             progress=False,
         )
         record = quantkit.read_record(out)
         search_block = record.drift_search
-        chosen, drifts, counts = search_block["chosen"], search_block["calibration_drift_pct"], search_block["w8a16_layers"]
+        chosen, drifts, counts = (
+            search_block["chosen"],
+            search_block["calibration_drift_pct"],
+            search_block["w8a16_layers"],
+        )
         model = quantkit.load(out)
         w8a16 = {n for n in record.modules if isinstance(model.get_submodule(n), W8A16Linear)}
         assert w8a16 == set(record.w8a16_modules)
         assert len(w8a16) == counts[chosen] and record.config.max_drift == budget
         assert drifts[chosen] <= budget or chosen == len(drifts) - 1
         # no candidate with fewer W8A16 layers met the budget
-        assert all(d > budget for d, c in zip(drifts, counts) if c < len(w8a16))
+        assert all(d > budget for d, c in zip(drifts, counts, strict=True) if c < len(w8a16))
         kept[budget] = len(w8a16)
         if len(budgets) == 1:  # then a budget below what all-W8A8 gives
             assert counts[0] == 0 and counts[-1] == len(record.modules) and drifts[0] > 0, search_block

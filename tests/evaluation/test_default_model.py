@@ -14,7 +14,8 @@ import transformers
 
 import quantkit
 from quantkit.evaluation import measure as evaluate
-from quantkit.evaluation.pipeline import DEFAULT_VARIANTS, quantize_to_disk
+from quantkit.evaluation.default_job import DEFAULT_VARIANTS
+from quantkit.evaluation.pipeline import quantize_to_disk
 
 pytestmark = pytest.mark.slow
 WINDOWS = 32
@@ -33,9 +34,7 @@ def measured(default_model_dir, tmp_path_factory):
     models = {}
     for name, config in DEFAULT_VARIANTS.items():
         if config.auto_alpha:  # chosen by quantizing at each candidate: the layer-by-layer pipeline
-            path = quantize_to_disk(
-                default_model_dir, tmp_path_factory.mktemp("auto") / name, config, progress=False
-            )
+            path = quantize_to_disk(default_model_dir, tmp_path_factory.mktemp("auto") / name, config, progress=False)
             q = quantkit.load(path, dtype=torch.float32)
             results[f"{name}_alpha"] = quantkit.read_record(path).alpha_search["chosen"]
         else:

@@ -30,5 +30,10 @@ def test_tiny_offline_model_runs_the_whole_job(tmp_path):
     out = tmp_path / "run"
     assert main(["run", "--model", str(folder), "--out", str(out), "--windows", "1", "--no-speed", "-q"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in results["rows"]][-4:] == ["w8a16", "w8a8-naive", "w8a8-smoothquant-a0.5", "w8a8-smoothquant"]
+    assert [r["name"] for r in results["rows"]][-4:] == [
+        "w8a16",
+        "w8a8-naive",
+        "w8a8-smoothquant-a0.5",
+        "w8a8-smoothquant",
+    ]
     assert results["protocol"]["device"] in ("CPU",) or "NVIDIA" in results["protocol"]["device"]
