@@ -1,5 +1,5 @@
-"""Jobs the CLI runs: quantize one checkpoint layer by layer, evaluate checkpoints
-against their float baseline, and the whole quantize -> evaluate -> report loop on one model.
+"""Jobs the CLI runs: quantize one checkpoint layer by layer, and evaluate checkpoints against their
+float baseline (the whole loop on one model is :mod:`.default_job`).
 
 Speed for one results file is measured in one process, so speed ratios compare runs on the same
 machine under the same load. Peak memory is the exception: each model is measured in a fresh
@@ -112,6 +112,10 @@ def quantize_to_disk(
             :func:`quantkit.calibrate` on the whole model does.
         device: where each layer is calibrated and quantized (``"auto"``: CUDA when present); the
             model is read from and written to disk layer by layer whatever the device.
+
+    ``config.alpha == "auto"`` and ``config.max_drift`` are decided first, by measuring candidate
+    quantizations of the whole model on the calibration text (:mod:`quantkit.core.probe`, one extra
+    pass over the checkpoint each); the record holds what was asked, what was chosen and why.
 
     An existing ``out`` (without ``overwrite``), a bad shard size, a model that is not a float causal
     LM and one that ``fmt`` cannot hold fail before the slow work. Returns ``out``.
