@@ -194,6 +194,9 @@ def test_quantize_keeps_named_layers_w8a16_and_they_round_trip(tmp_path):
         loaded = quantkit.load(tmp_path / "q")
         assert {n for n in names if isinstance(loaded.get_submodule(n), W8A16Linear)} == keep
         assert torch.equal(loaded(input_ids=ids).logits, expected)
+        served = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.float32)
+        assert {n for n in names if isinstance(served.get_submodule(n), W8A16Linear)} == keep
+        assert torch.equal(served(input_ids=ids).logits, expected)
 
 
 @pytest.fixture(scope="module")
