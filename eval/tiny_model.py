@@ -18,23 +18,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_tiny_model(out: Path, *, layers: int = 2, hidden: int = 128, vocab: int = 512, seed: int = 0) -> Path:
-    import torch
+def train_bpe(text: str, vocab: int, special: str):
+    """A byte-level BPE tokenizer of ``vocab`` tokens trained on ``text`` (a second or so), with
+    ``special`` as its BOS and EOS token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    text = (ROOT / "calibration" / "persuasion.txt").read_text(encoding="utf-8")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=[special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator([text], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=special, bos_token=special)
+
+
+def write_tiny_model(out: Path, *, layers: int = 2, hidden: int = 128, vocab: int = 512, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    text = (ROOT / "calibration" / "persuasion.txt").read_text(encoding="utf-8")
+    tokenizer = train_bpe(text, vocab, "<|endoftext|>")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

@@ -40,23 +40,13 @@ def train(
     seed: int = 0,
 ) -> dict:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tiny_model import train_bpe  # eval/, beside this script
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, OPTConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, OPTConfig
 
     torch.manual_seed(seed)
     text = TEXT.read_text(encoding="utf-8")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab,
-        special_tokens=["</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([text], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", bos_token="</s>")
+    tokenizer = train_bpe(text, vocab, "</s>")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
     config = OPTConfig(
         vocab_size=len(tokenizer),

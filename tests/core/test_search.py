@@ -200,20 +200,11 @@ def test_quantize_keeps_named_layers_w8a16_and_they_round_trip(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def outlier_model_dir(tmp_path_factory, tokenizer):
-    """A tiny Llama with the default tokenizer whose norms put 3 channels 40x above the rest: W8A8
-    costs it loss (a plain random model's loss is flat, quantized or not)."""
+def outlier_model_dir(tmp_path_factory, tiny_model_dir, tokenizer):
+    """The tiny Llama with its norms putting 3 channels 40x above the rest: W8A8 costs it loss (a plain
+    random model's loss is flat, quantized or not)."""
     path = tmp_path_factory.mktemp("outliers") / "llama"
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.endswith("norm"):
