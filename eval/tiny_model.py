@@ -1,7 +1,7 @@
 """Write a tiny random-weight Llama with its own small tokenizer: a model folder for smoke tests where
 nothing can be downloaded (the GPU check, CI).
 
-The tokenizer is a byte-level BPE trained in a second on the shipped calibration text (``--vocab``
+The tokenizer is a byte-level BPE trained in a second on the shipped calibration text (Persuasion) (``--vocab``
 tokens); the model is built from a config (``--layers``, ``--hidden``; bf16, seeded), so its
 perplexity means nothing; the point is that every command runs end to end on it.
 
@@ -41,7 +41,7 @@ def write_tiny_model(out: Path, *, layers: int = 2, hidden: int = 128, vocab: in
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    text = (ROOT / "calibration" / "persuasion.txt").read_text(encoding="utf-8")
+    text = (ROOT / "quantkit" / "data" / "persuasion.txt").read_text(encoding="utf-8")
     tokenizer = train_bpe(text, vocab, "<|endoftext|>")
     config = LlamaConfig(
         vocab_size=len(tokenizer),

@@ -8,6 +8,7 @@ Statistics are plain tensors keyed by module name and can be saved to / loaded f
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 import logging
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ log = logging.getLogger(__name__)
 
 ActStats = dict[str, torch.Tensor]
 
-DEFAULT_CALIBRATION = Path(__file__).resolve().parents[2] / "calibration" / "persuasion.txt"
+# Shipped inside the package (an installed wheel has no repository around it).
+DEFAULT_CALIBRATION = Path(str(importlib.resources.files("quantkit") / "data" / "persuasion.txt"))
 
 
 def read_texts(path: str | Path) -> list[str]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import importlib.resources
 import inspect
 import json
 import logging
@@ -56,7 +57,7 @@ from ..errors import QuantkitError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EVAL_TEXT = Path(__file__).resolve().parents[2] / "eval" / "emma.txt"
+DEFAULT_EVAL_TEXT = Path(str(importlib.resources.files("quantkit") / "data" / "emma.txt"))  # in the package
 # Prompt length of the decode measurement (speed and peak memory).
 DECODE_PROMPT_TOKENS = 16
 
