@@ -152,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"evaluation windows of {DEFAULT_EVAL_WINDOW} tokens (default: %(default)s)",
     )
     p.add_argument("--no-speed", action="store_true", help="skip speed measurements")
+    p.add_argument("--text", type=Path, help="evaluation text (default: shipped Emma)")
+    p.add_argument("--scheme", choices=SCHEMES, help="only the variants of this scheme (default: both)")
+    p.add_argument(
+        "--alpha",
+        type=_alpha,
+        default=CLI_DEFAULT_ALPHA,
+        help="alpha of the SmoothQuant variant, a number in [0, 1] or 'auto'; the alpha-0.5 variant is written "
+        "beside it for comparison (default: %(default)s)",
+    )
     _add_calibration(p)
     _add_device(p)
     _add_common(p)

@@ -4,6 +4,7 @@ layer, evaluate them all against the float model in one run, add the per-layer e
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import time
@@ -13,11 +14,13 @@ from typing import Any
 import torch
 
 from ..config import CLI_DEFAULT_ALPHA, DEFAULT_EVAL_WINDOWS, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig
-from ..core.calibration import DEFAULT_CALIBRATION
+from ..core.calibration import DEFAULT_CALIBRATION, read_texts
 from ..devices import resolve_device
+from ..errors import QuantkitError
 from ..formats.float_models import resolve
 from ..formats.output_dir import atomic_output_dir, check_destination, check_output_dir
 from ..formats.safetensors_io import CheckpointReader
+from .measure import read_eval_text
 from .pipeline import estimated_output_bytes, evaluate_all, quantize_to_disk
 
 # The variants the default job compares: weight-only, naive W8A8 and SmoothQuant W8A8 at the same
@@ -31,12 +34,25 @@ DEFAULT_VARIANTS: dict[str, QuantConfig] = {
 }
 
 
+def variants(scheme: str | None = None, alpha: float | str = CLI_DEFAULT_ALPHA) -> dict[str, QuantConfig]:
+    """:data:`DEFAULT_VARIANTS`, of ``scheme`` only if given, with the SmoothQuant variant at ``alpha``
+    (and the fixed-0.5 comparison dropped when that is the same)."""
+    chosen = dict(DEFAULT_VARIANTS)
+    chosen["w8a8-smoothquant"] = dataclasses.replace(chosen["w8a8-smoothquant"], alpha=alpha)
+    if alpha == chosen["w8a8-smoothquant-a0.5"].alpha:
+        del chosen["w8a8-smoothquant-a0.5"]
+    return {n: c for n, c in chosen.items() if scheme is None or c.scheme == scheme}
+
+
 def run_default_job(
     model: str,
     out: Path,
     *,
     overwrite: bool = False,
     n_windows: int = DEFAULT_EVAL_WINDOWS,
+    text: str | Path | None = None,
+    scheme: str | None = None,
+    alpha: float | str = CLI_DEFAULT_ALPHA,
     calibration: str | None = None,
     n_samples: int = DEFAULT_SAMPLES,
     seq_len: int = DEFAULT_SEQ_LEN,
@@ -44,8 +60,9 @@ def run_default_job(
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Write every default variant, evaluate them all against the float model, write the report
-    (all of it on ``device``)."""
+    """Write the default variants (:func:`variants`), evaluate them all against the float model on
+    ``text`` (shipped Emma by default), write the report (all of it on ``device``). If a step after
+    the checkpoints fails, they are kept in ``out`` (each is complete) and the error says so."""
     from .layer_error import attach_layer_errors
     from .report_html import write_html
     from .report_md import write_markdown
@@ -53,12 +70,18 @@ def run_default_job(
     t0 = time.time()
     device = resolve_device(device)
     check_output_dir(out, overwrite)
+    if text is not None:  # a missing or unreadable text fails before the slow work
+        read_eval_text(text)
+    if calibration is not None:
+        read_texts(calibration)
+    jobs = variants(scheme, alpha)
     path = resolve(model, progress=progress)
     with CheckpointReader(path) as reader:  # room for every variant, before the first one starts
-        check_destination(out, source=path, needed_bytes=len(DEFAULT_VARIANTS) * estimated_output_bytes(reader))
+        check_destination(out, source=path, needed_bytes=len(jobs) * estimated_output_bytes(reader))
+    failure = None
     with atomic_output_dir(out, overwrite) as tmp:
         checkpoints = {}
-        for name, config in DEFAULT_VARIANTS.items():  # each calibrates itself if it needs to, layer by layer
+        for name, config in jobs.items():  # each calibrates itself if it needs to, layer by layer
             checkpoints[name] = quantize_to_disk(
                 path,
                 tmp / name,
@@ -71,23 +94,35 @@ def run_default_job(
                 progress=progress,
             )
             gc.collect()
-        results = evaluate_all(
-            path, checkpoints, n_windows=n_windows, measure_speed=measure_speed, device=device, progress=progress
-        )
-        # Paths inside the results point at the final folder, not the temporary one.
-        for row in results["rows"]:
-            if "path" in row:
-                row["path"] = str(out / Path(row["path"]).name)
-        results["calibration"] = {
-            "text": Path(calibration or DEFAULT_CALIBRATION).name,
-            "samples": n_samples,
-            "seq_len": seq_len,
-        }
-        attach_layer_errors(
-            results, path, checkpoints, device=device, progress=progress
-        )  # per-layer plot of report.html
-        results["wall_seconds"] = round(time.time() - t0, 1)
-        (tmp / "results.json").write_text(json.dumps(results, indent=2))
-        write_markdown([results], tmp / "report.md")
-        write_html([results], tmp / "report.html", titles=[f"{model} ({out.name})"])
+        try:
+            results = evaluate_all(
+                path,
+                checkpoints,
+                text=text,
+                n_windows=n_windows,
+                measure_speed=measure_speed,
+                device=device,
+                progress=progress,
+            )
+            for row in results["rows"]:  # paths point at the final folder, not the temporary one
+                if "path" in row:
+                    row["path"] = str(out / Path(row["path"]).name)
+            results["calibration"] = {
+                "text": Path(calibration or DEFAULT_CALIBRATION).name,
+                "samples": n_samples,
+                "seq_len": seq_len,
+            }
+            attach_layer_errors(results, path, checkpoints, text=text, device=device, progress=progress)
+            results["wall_seconds"] = round(time.time() - t0, 1)
+            (tmp / "results.json").write_text(json.dumps(results, indent=2))
+            write_markdown([results], tmp / "report.md")
+            write_html([results], tmp / "report.html", titles=[f"{model} ({out.name})"])
+        except Exception as e:  # the checkpoints are complete: keep them (an interrupt keeps nothing)
+            failure = e
+    if failure is not None:
+        reason = (str(failure).strip().splitlines() or [type(failure).__name__])[0]
+        raise QuantkitError(
+            f"the checkpoints are written to {out}, but evaluating them failed ({reason}); "
+            f"evaluate them with: quantkit eval {out}/* --baseline {model} --out results.json"
+        ) from failure
     return results

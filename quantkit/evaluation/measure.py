@@ -62,7 +62,8 @@ DEFAULT_EVAL_TEXT = Path(str(importlib.resources.files("quantkit") / "data" / "e
 DECODE_PROMPT_TOKENS = 16
 
 
-def eval_token_ids(tokenizer, text_path: str | Path | None = None) -> torch.Tensor:
+def read_eval_text(text_path: str | Path | None = None) -> str:
+    """The evaluation text (shipped Emma by default); a missing, non-UTF-8 or empty file is an error."""
     path = Path(text_path or DEFAULT_EVAL_TEXT)
     if not path.is_file():
         raise QuantkitError(f"evaluation text {path} not found; pass --text FILE")
@@ -72,6 +73,11 @@ def eval_token_ids(tokenizer, text_path: str | Path | None = None) -> torch.Tens
         raise QuantkitError(f"evaluation text {path} is not UTF-8; convert it first") from None
     if not text.strip():
         raise QuantkitError(f"evaluation text {path} is empty")
+    return text
+
+
+def eval_token_ids(tokenizer, text_path: str | Path | None = None) -> torch.Tensor:
+    text = read_eval_text(text_path)
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 
 

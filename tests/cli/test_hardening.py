@@ -424,8 +424,41 @@ def test_calibrate_creates_the_output_folder(tmp_path, tiny_model_dir):
 
 
 def test_run_checks_room_for_every_variant_before_the_first(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from quantkit.evaluation import pipeline
+    from quantkit.evaluation import default_job
 
-    _full_disk_and_no_work(monkeypatch, tmp_path, pipeline, "quantize_to_disk")
+    _full_disk_and_no_work(monkeypatch, tmp_path, default_job, "quantize_to_disk")
     assert main(["run", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"), "-q"]) == 2
     _one_line_error(capsys, "needs about")
+
+
+def _run(tiny_model_dir, out, *extra):
+    args = ["run", "--model", str(tiny_model_dir), "--out", str(out), "--samples", "2", "--seq-len", "32"]
+    return main([*args, "--windows", "1", "--no-speed", "-q", *extra])
+
+
+def test_run_keeps_its_checkpoints_when_evaluation_fails(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    from quantkit.evaluation import default_job
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the evaluation broke")
+
+    monkeypatch.setattr(default_job, "evaluate_all", fail)
+    out = tmp_path / "run"
+    assert _run(tiny_model_dir, out, "--scheme", "w8a16") == 2
+    _one_line_error(capsys, "evaluating them failed", "the evaluation broke", "quantkit eval")
+    assert not (out / "results.json").exists()
+    assert checkpoint_problems(out / "w8a16") == [] and read_record(out / "w8a16").config.scheme == "w8a16"
+
+
+def test_run_takes_the_options_of_the_verbs_it_chains(tmp_path, tiny_model_dir, eval_text, capsys):
+    out = tmp_path / "run"
+    assert _run(tiny_model_dir, out, "--scheme", "w8a8", "--alpha", "0.5", "--text", str(eval_text)) == 0
+    results = json.loads((out / "results.json").read_text())
+    quantized = [r["name"] for r in results["rows"] if r.get("config")]
+    assert quantized == ["w8a8-naive", "w8a8-smoothquant"]  # 0.5 is the comparison variant's alpha: one of them
+    assert read_record(out / "w8a8-smoothquant").config.alpha == 0.5
+    assert results["protocol"]["text"] == eval_text.name
+    capsys.readouterr()
+    assert _run(tiny_model_dir, tmp_path / "r2", "--text", str(tmp_path / "missing.txt")) == 2
+    _one_line_error(capsys, "missing.txt", "not found")
+    assert not (tmp_path / "r2").exists()
