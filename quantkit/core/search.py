@@ -20,10 +20,10 @@ Layer inputs are recorded by :func:`recording` while the layer-by-layer pipeline
 calibration forward (:mod:`.sequential`): the search costs no extra pass over the model.
 
 ``alpha="auto"`` is not chosen here but on the whole model's calibration loss
-(:func:`quantkit.core.sequential.calibration_losses`): choosing alpha per group by the same output
-error was built and measured worse than a fixed 0.5 on the default model (+1.0-1.2 % against +1.07 %
-perplexity; 0.65 everywhere gives +0.68 %): a group's output error does not rank alphas the way the
-model's loss does.
+(:func:`quantkit.core.probe.calibration_losses`): choosing alpha per group by the same output
+error was built and measured no better than a fixed 0.5 on the default model (+0.99 % to +1.15 %
+against +1.07 % perplexity; 0.65 everywhere gives +0.68 %): a group's output error does not rank
+alphas the way the model's loss does.
 """
 
 from __future__ import annotations
