@@ -101,12 +101,15 @@ COLUMNS = (
     "prefill tok/s", "x bf16", "x fp32", "decode tok/s", "x bf16", "x fp32",
 )  # fmt: skip
 MEMORY_COLUMNS = ("peak memory", "vs bf16")  # where the results measured peak memory
+SPEED_COLUMNS = slice(COLUMNS.index("prefill tok/s"), COLUMNS.index("prefill tok/s") + 6)  # without speed: left out
 
 
 def table_text(rows: list[dict[str, Any]], *, memory_decimals: int = 1) -> tuple[list[str], list[list[str]]]:
     """``(column names, cells)`` of the comparison table for :func:`table_rows`; one list of cells per
-    row, each without the ``variant`` cell (the reports write the name their own way)."""
+    row, each without the ``variant`` cell (the reports write the name their own way). Results without
+    speed measurements (``--no-speed``) get no speed columns."""
     with_mem = any("peak_memory_bytes" in r.get("speed", {}) for r in rows)
+    with_speed = any("speed" in r for r in rows)
     body = []
     for r in rows:
         sp = r.get("speed", {})
@@ -132,10 +135,13 @@ def table_text(rows: list[dict[str, Any]], *, memory_decimals: int = 1) -> tuple
             ratio("decode_tok_s_vs_bf16"),
             ratio("decode_tok_s_vs_fp32"),
         ]
+        if not with_speed:  # cells lack the variant column: the slice is one to the left
+            del cells[SPEED_COLUMNS.start - 1 : SPEED_COLUMNS.stop - 1]
         if with_mem:
             cells += [mib(sp.get("peak_memory_bytes"), memory_decimals), _pct(r.get("peak_memory_vs_bf16"))]
         body.append(cells)
-    return [*COLUMNS, *(MEMORY_COLUMNS if with_mem else ())], body
+    head = [c for i, c in enumerate(COLUMNS) if with_speed or not SPEED_COLUMNS.start <= i < SPEED_COLUMNS.stop]
+    return [*head, *(MEMORY_COLUMNS if with_mem else ())], body
 
 
 def markdown(all_results: list[dict[str, Any]]) -> str:
@@ -148,8 +154,12 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
         lines += [
             f"Perplexity: {proto['windows']} windows x {proto['window']} tokens of {proto['text']} "
             f"({proto['tokens_scored']} tokens scored, {proto['perplexity_dtype']} activations). "
-            f"Speed: {', '.join(proto['speed_dtypes'])} baselines, quantized models in {proto['speed_dtypes'][0]}, "
-            f"on {proto['device']}.",
+            + (
+                f"Speed: {', '.join(proto['speed_dtypes'])} baselines, quantized models in {proto['speed_dtypes'][0]}, "
+                f"on {proto['device']}."
+                if any("speed" in r for r in rows)
+                else f"Speed: not measured (--no-speed); on {proto['device']}."
+            ),
             "",
             "| " + " | ".join(head) + " |",
             "|---" + "|---:" * (len(head) - 1) + "|",

@@ -142,3 +142,19 @@ def test_report_writes_markdown_and_html(tiny_run, tmp_path):
         == 0
     )
     assert (tmp_path / "x.html").read_text().count("<svg") >= 3
+
+
+def test_reports_without_speed_have_no_speed_columns(tiny_run, tmp_path):
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert "prefill tok/s" in (tiny_run / "report.md").read_text()  # measured: the columns are there
+    for row in results["rows"]:
+        row.pop("speed", None)
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    assert main(["report", str(tmp_path / "r.json"), "--out", str(tmp_path / "r.md"), "-q"]) == 0
+    md, page = (tmp_path / "r.md").read_text(), (tmp_path / "r.html").read_text()
+    for text in (md, page):
+        assert "prefill tok/s" not in text and "decode tok/s" not in text and "checkpoint" in text
+    assert "Speed: not measured" in md
+    header = next(line for line in md.splitlines() if line.startswith("| variant"))
+    row = next(line for line in md.splitlines() if line.startswith("| w8a16 |"))
+    assert header.count("|") == row.count("|")  # as many cells as columns
