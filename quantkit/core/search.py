@@ -28,6 +28,7 @@ alphas the way the model's loss does.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ from ..config import QuantConfig
 from ..qmath import abs_max_scale
 from .calibration import ActStats
 from .modules import W8A8Linear, replace_module, weight_out_in
-from .smoothquant import smoothing_groups, smoothing_scale
+from .smoothquant import smoothing_groups, smoothing_scale, weight_amax
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ def recording(model: nn.Module, modules: dict[str, nn.Module], max_tokens: int =
     """Inside the block, the inputs of each linear in ``modules`` and the calls of the modules that
     hold several of them (see :func:`group_parent`) are kept until ``max_tokens`` tokens are held.
     Linears that read the same tensor share it."""
-    parents = {group_parent([a, b]) for a in modules for b in modules if a < b}
-    parents = {p: model.get_submodule(p) for p in parents if p and not any(q.startswith(f"{p}.") for q in parents)}
+    # the direct parents of two or more of them (the attention block, the MLP): what group_parent gives
+    counts = collections.Counter(n.rpartition(".")[0] for n in modules)
+    parents = {p: model.get_submodule(p) for p, c in counts.items() if p and c > 1}
     kept = Recorded({n: [] for n in modules}, {p: [] for p in parents})
     held: dict[str, int] = dict.fromkeys([*modules, *parents], 0)
 
@@ -179,7 +181,7 @@ class _Group:
         self.x = x.to(act_amax.device)
         self.linears = [model.get_submodule(n) for n in names]
         self.weights = [weight_out_in(m).detach().float() for m in self.linears]
-        self.w_amax = torch.stack([weight_out_in(m).detach().abs().amax(dim=0).float() for m in members]).amax(dim=0)
+        self.w_amax = torch.stack([weight_amax(m) for m in members]).amax(dim=0)
         self.reference = self._outputs()
         self.energy = [max(float(r.pow(2).sum()), 1e-30) for r in self.reference]
 

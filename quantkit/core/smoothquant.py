@@ -123,7 +123,7 @@ def apply_smoothquant(
         # All linears of a group read the same tensor; max over them guards against hooks that saw
         # slightly different inputs (they should not).
         act_amax = torch.stack([stats[n] for n in linear_names if n in stats]).amax(dim=0)
-        w_amax = torch.stack([_weight_amax(modules[n]) for n in linear_names]).amax(dim=0)
+        w_amax = torch.stack([weight_amax(modules[n]) for n in linear_names]).amax(dim=0)
         s = smoothing_scale(act_amax, w_amax, _alpha(config))
         if norm_name is None:  # no norm to fold into: a run-time pre-scale
             (n,) = linear_names
@@ -147,7 +147,7 @@ def apply_smoothquant(
     return Smoothed(scales, smooth_inv, stats)
 
 
-def _weight_amax(module: nn.Module) -> torch.Tensor:
+def weight_amax(module: nn.Module) -> torch.Tensor:
     """A float layer's per-input-channel weight abs-max, fp32 ``[in]``."""
     return weight_out_in(module).detach().abs().amax(dim=0).float()
 
