@@ -21,9 +21,10 @@ import torch
 
 from ..qmath import EPS, QMAX
 from . import cpu_fused
+from .reference import rows_per_sequence
 from .registry import Impl
 
-# Above this many rows, _weight_int8pack_mm (a matrix-vector style kernel) loses to converting the
+# Above this many rows per sequence, _weight_int8pack_mm (a matrix-vector style kernel) loses to converting the
 # weight once and calling the float GEMM: the conversion is amortized over M rows. Measured on a
 # 2-core AVX512 machine for 576x1536: M=1 32 us vs 100 us bf16; M=512 6.2 ms vs 2.2 ms bf16.
 W8A16_PACKED_MAX_ROWS = 32
@@ -76,7 +77,9 @@ def w8a16_linear(
 
 
 def w8a16_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    rows = x.numel() // max(x.shape[-1], 1) if x.dim() >= 1 else 0
+    # Chosen by tokens per sequence, not rows in the batch: the packed kernel and the float GEMM
+    # round differently, so the choice must not depend on the batch (see rows_per_sequence).
+    rows = rows_per_sequence(x) if x.dim() >= 1 and x.numel() else 0
     if rows == 0 or rows > W8A16_PACKED_MAX_ROWS or weight.dtype != torch.int8 or x.dtype not in cpu_fused.FLOAT_DTYPES:
         return False
     # The kernel reads weights with aligned loads: a misaligned one segfaults (see cpu_fused.ALIGN).

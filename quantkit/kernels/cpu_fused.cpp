@@ -222,5 +222,14 @@ at::Tensor w8a16_dequant(const at::Tensor& x, const at::Tensor& weight, const at
   });
   std::optional<at::Tensor> b;
   if (bias) b = bias->to(x.scalar_type());
-  return at::linear(x, w, b);
+  // One GEMM per sequence of a batch [..., L, K]: the float GEMM's rounding may depend on the row
+  // count (MKL and oneDNN pick kernels by M), so each sequence gets the call it would get alone and
+  // its outputs do not depend on the rest of the batch (the reference does the same).
+  const int64_t L = x.dim() >= 3 ? x.size(-2) : x.numel() / K;
+  const int64_t B = L > 0 ? x.numel() / (L * K) : 0;
+  if (B <= 1) return at::linear(aligned_rows(x, K), w, b).view(out_sizes(x, N));
+  at::Tensor seqs = x.reshape({B, L, K});
+  at::Tensor out = at::empty({B, L, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  for (int64_t i = 0; i < B; ++i) out.select(0, i).copy_(at::linear(aligned_rows(seqs.select(0, i), K), w, b));
+  return out.view(out_sizes(x, N));
 }

@@ -21,8 +21,15 @@ What the extension (C++ source: ``cpu_fused.cpp`` next to this file) does, bit-e
 - ``w8a16_packed``: ``at::_weight_int8pack_mm`` (int8 weights converted in registers) plus the
   bias, with the scale cast and alignment checks in C++ rather than Python.
 - ``w8a16_dequant``: for many rows, one pass writes the dequantized weight in the activation dtype
-  (the reference's ``(q.float() * scale).to(dtype)``) and calls ``at::linear``: the conversion is
-  amortized over the rows and the result is identical to the reference.
+  (the reference's ``(q.float() * scale).to(dtype)``) and calls ``at::linear`` once per sequence of
+  the batch (as the reference does): the conversion is amortized over the rows and the result is
+  identical to the reference.
+
+Batch invariance: ``w8a16_packed`` rounds unlike the float GEMM (it applies the scale, rounded to
+the activation dtype, after the int8 dot product), so the choice between the two W8A16 paths is made
+on tokens per sequence, never on the batch size, and the float GEMM runs once per sequence; W8A8 is
+exact in int32 and rescaled per element. A sequence's outputs are thus bitwise the same alone or in
+any batch, on every path (``tests/kernels/test_batch_invariance.py``).
 
 The build needs a C++ compiler and ninja (as ``torch.utils.cpp_extension`` does); it takes ~30 s
 once and is cached in ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Set
@@ -44,6 +51,7 @@ from types import ModuleType
 
 import torch
 
+from .reference import rows_per_sequence
 from .registry import Impl
 
 log = logging.getLogger(__name__)
@@ -159,7 +167,14 @@ def w8a8_linear(
 def packed_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Shapes on which torch's ``_weight_int8pack_mm`` is correct, safe and faster than dequantizing."""
     k = weight.shape[1]
-    if not 0 < x.numel() <= PACKED_MAX_ROWS * k or not weight.is_contiguous() or weight.data_ptr() % ALIGN:
+    # Tokens per sequence, not rows in the batch: the packed kernel rounds unlike the float GEMM, so
+    # a sequence must take the same path alone and in any batch (see reference.rows_per_sequence).
+    if (
+        not x.numel()
+        or not 0 < rows_per_sequence(x) <= PACKED_MAX_ROWS
+        or not weight.is_contiguous()
+        or weight.data_ptr() % ALIGN
+    ):
         return False
     # The bf16 kernel needs 32-byte aligned activation rows and 16-byte aligned weight rows
     # (see ALIGN): both hold for every row when K % 16 == 0. Probed K in {7, 8, 24, 33}: garbage,

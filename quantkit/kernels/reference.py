@@ -60,4 +60,28 @@ def w8a16_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     w = dequantize(weight, weight_scale[:, None], x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    b = None if bias is None else bias.to(x.dtype)
+    seqs = sequences(x)
+    if seqs.shape[0] <= 1:
+        return torch.nn.functional.linear(x, w, b)
+    # One GEMM per sequence: the float GEMM may round differently for other row counts (MKL and
+    # oneDNN choose kernels by M), and a sequence's outputs must not depend on the rest of the batch.
+    out = torch.stack([torch.nn.functional.linear(s, w, b) for s in seqs])
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def sequences(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., L, K]`` as ``[B, L, K]``: the batch's sequences (a 2-D ``[M, K]`` is one sequence of M rows)."""
+    k = x.shape[-1]
+    rows = rows_per_sequence(x)
+    return x.reshape(-1, rows, k) if rows else x.reshape(0, 0, k)
+
+
+def rows_per_sequence(x: torch.Tensor) -> int:
+    """Tokens per sequence of an activation ``[..., L, K]``; a 2-D ``[M, K]`` is one sequence of M rows.
+
+    Batch invariance: every fast path chooses its kernel (and the kernel its tiles and K split) from
+    this and the weight's shape, never from the batch size, so that a sequence's outputs are the same
+    alone or in any batch.
+    """
+    return x.shape[-2] if x.dim() >= 2 else 1

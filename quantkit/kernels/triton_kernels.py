@@ -8,6 +8,11 @@ split-K heuristic, the Python wrappers :func:`w8a16_linear` and :func:`w8a8_line
 Block sizes are autotuned on CUDA (``triton.autotune`` keyed on the row-count bucket, N, K and
 SPLIT_K); on CPU tensors, which only happen under ``TRITON_INTERPRET=1`` in tests, a fixed small
 config is used.
+
+Batch invariance: the regime (decode or prefill configs), the autotuning bucket and the split-K
+factor are chosen from the tokens per sequence (:func:`~quantkit.kernels.reference.rows_per_sequence`),
+not from the rows of the whole batch. They set the order in which a row's K products are summed
+(BLOCK_K and the split); with them fixed, a sequence's outputs are the same alone or in any batch.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..qmath import QMAX
+from .reference import rows_per_sequence
 from .registry import Impl
 from .triton_jit import quantize_rows_kernel, splitk_epilogue_kernel, w8a8_kernel, w8a16_kernel
 
@@ -120,7 +126,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def pick_split_k(rows: int, n: int, k: int, device: torch.device) -> int:
-    """Split-K factor for a call: >1 only at decode, when too few output tiles fill the GPU.
+    """Split-K factor for ``rows`` tokens per sequence: >1 only at decode, when too few output tiles fill the GPU.
 
     Doubles the split until there are about two programs per SM (counted with a nominal BLOCK_N
     of 64), without cutting K into chunks shorter than ``MIN_K_PER_SPLIT``. N = 14336 at M = 1
@@ -145,12 +151,16 @@ def _launch(
     tuned: dict[str, triton.runtime.Autotuner],
     heur: triton.runtime.Heuristics,
     config: triton.Config | None,
-    grid_args: tuple[int, int, int],
+    grid_args: tuple[int, int, int, int],
     *args: object,
     **kwargs: object,
 ) -> None:
-    """Run ``heur`` with an explicit config, the interpreter config, or through the autotuner."""
-    rows, n, split_k = grid_args
+    """Run ``heur`` with an explicit config, the interpreter config, or through the autotuner.
+
+    ``grid_args``: rows of the whole batch (the grid), N, the split, and the tokens per sequence (the
+    regime: see the module docstring on batch invariance).
+    """
+    rows, n, split_k, seq_rows = grid_args
 
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
@@ -161,7 +171,7 @@ def _launch(
     if config is not None:
         heur[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
-        tuned["decode" if rows <= DECODE_MAX_ROWS else "prefill"][grid](*args, **kwargs)
+        tuned["decode" if seq_rows <= DECODE_MAX_ROWS else "prefill"][grid](*args, **kwargs)
 
 
 def _finish_split_k(
@@ -229,11 +239,12 @@ def w8a16_linear(
     if rows == 0:
         return out.reshape(*x.shape[:-1], n)
     bias = None if bias is None else bias.reshape(-1).to(x.dtype).contiguous()
-    split_k = split_k or pick_split_k(rows, n, k, x.device)
+    seq_rows = rows_per_sequence(x)
+    split_k = split_k or pick_split_k(seq_rows, n, k, x.device)
     dest = out if split_k == 1 else torch.empty((split_k, rows, n), dtype=torch.float32, device=x.device)
     _launch(
-        _W8A16_TUNED, _w8a16_heur, config, (rows, n, split_k),
-        x2d, weight, w_scale, bias, dest, rows, n, k, x2d.stride(0), _m_bucket(rows),
+        _W8A16_TUNED, _w8a16_heur, config, (rows, n, split_k, seq_rows),
+        x2d, weight, w_scale, bias, dest, rows, n, k, x2d.stride(0), _m_bucket(seq_rows),
         HAS_BIAS=bias is not None, SPLIT_K=split_k,
         # The interpreter multiplies bf16 tiles as their raw uint16 bits, so it gets fp32 tiles
         # (bf16 -> fp32 and int8 -> fp32 are exact); on CUDA the dot runs in the activation dtype.
@@ -273,7 +284,8 @@ def w8a8_linear(
     smooth = None if smooth_inv is None else smooth_inv.reshape(-1).float().contiguous()
     in_scale = None if input_scale is None else input_scale.reshape(1).float()
     static = in_scale is not None
-    split_k = split_k or pick_split_k(rows, n, k, x.device)
+    seq_rows = rows_per_sequence(x)
+    split_k = split_k or pick_split_k(seq_rows, n, k, x.device)
 
     row_scale = None
     if prequantize:
@@ -291,9 +303,9 @@ def w8a8_linear(
 
     dest = out if split_k == 1 else torch.empty((split_k, rows, n), dtype=torch.int32, device=x.device)
     _launch(
-        _W8A8_TUNED, _w8a8_heur, config, (rows, n, split_k),
+        _W8A8_TUNED, _w8a8_heur, config, (rows, n, split_k, seq_rows),
         x2d, weight, w_scale, bias, smooth, in_scale, row_scale, dest, rows, n, k, x2d.stride(0),
-        _m_bucket(rows),
+        _m_bucket(seq_rows),
         HAS_BIAS=bias is not None, HAS_SMOOTH=smooth is not None and not prequantize,
         STATIC_SCALE=static, PREQUANTIZED=prequantize, SPLIT_K=split_k, BF16_RNE=_bf16_rne(out),
     )  # fmt: skip
@@ -322,7 +334,7 @@ def _supports_common(x: torch.Tensor, weight: torch.Tensor) -> bool:
     # Offsets inside the kernels are int32: bound every tensor they index (x by the memory its view
     # spans, which may exceed numel for a strided view), split-K partials included.
     x_span = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
-    partials = MAX_SPLIT_K if rows <= DECODE_MAX_ROWS else 1
+    partials = MAX_SPLIT_K if rows_per_sequence(x) <= DECODE_MAX_ROWS else 1
     return max(x_span, x.numel(), weight.numel(), rows * n * partials) < 2**31
 
 
