@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats.output_dir import write_text_atomic
-from .report_md import MIB, table_rows, table_text
+from .report_md import MIB, SPEED_COLUMNS, embedding_notes, table_rows, table_text
 from .svg import FLOAT_COLOR, PALETTE, bar_plot, esc, line_plot, scatter_plot
 
 
@@ -94,7 +94,8 @@ def _plots(results: dict[str, Any]) -> list[str]:
                 stacked=True,
             ),
             "Parameters and buffers held in memory. Quantized linear layers: int8 weights and their scales; "
-            "the embedding/lm_head bar holds int8 tables where the variant stores them so (see the table).",
+            "the embedding/lm_head bar holds int8 tables where the variant stores them so (see the note under "
+            "the tables).",
         )
     )
 
@@ -174,15 +175,38 @@ def _figure(svg: str, caption: str) -> str:
     return f"<figure>{svg}<figcaption>{caption}</figcaption></figure>"
 
 
-def _table(results: dict[str, Any]) -> str:
+def _tables(results: dict[str, Any]) -> str:
+    """The comparison as two tables, accuracy and size, then speed and peak memory: as one table its
+    16 columns overflowed the page. Each table fits the page's content width (see ``_CSS``); how the
+    quantized variants store their embeddings follows as a note (in every variant's cell it was too wide).
+    """
     rows = table_rows(results)
     head, body = table_text(rows, memory_decimals=0)
-    out = ["<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+    cut = SPEED_COLUMNS.start  # variant .. checkpoint; then speed and peak memory, when measured
+    out = [_table("Accuracy and size", head[:cut], [cells[: cut - 1] for cells in body], rows, scheme=True)]
+    if len(head) > cut:
+        speed_head = [head[0], *head[cut:]]
+        out.append(_table("Speed and peak memory", speed_head, [cells[cut - 1 :] for cells in body], rows))
+    notes = embedding_notes(rows)
+    if notes:
+        out.append(f'<p class="note">{esc(" ".join(notes))}</p>')
+    return "\n".join(out)
+
+
+def _table(
+    caption: str, head: list[str], body: list[list[str]], rows: list[dict[str, Any]], *, scheme: bool = False
+) -> str:
+    """One comparison table; the variant cell names its scheme under the name where ``scheme``."""
+    out = [
+        f'<div class="scroll"><table><caption>{esc(caption)}</caption><thead><tr>'
+        + "".join(f"<th>{esc(h)}</th>" for h in head)
+        + "</tr></thead><tbody>"
+    ]
     for r, cells in zip(rows, body, strict=True):
         cls = ' class="float"' if r.get("kind") == "float" else ""
-        name = f"{esc(r['name'])}<br><small>{esc(_scheme(r))}</small>"
+        name = f"{esc(r['name'])}<br><small>{esc(_scheme(r))}</small>" if scheme else esc(r["name"])
         out.append(f"<tr{cls}><td>{name}</td>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "\n".join(out)
 
 
@@ -192,8 +216,7 @@ def _scheme(row: dict[str, Any]) -> str:
         return f"float {row.get('dtype', '')}".strip()
     from ..core.record import QuantRecord
 
-    record = QuantRecord.from_dict(cfg)
-    return f"{record.label}; {record.embeddings_label}"
+    return QuantRecord.from_dict(cfg).label
 
 
 def _provenance(results: dict[str, Any]) -> str:
@@ -221,6 +244,9 @@ def _provenance(results: dict[str, Any]) -> str:
     return f'<table class="prov">{rows}</table>'
 
 
+# The page's content is at most 1200 px wide (1232 px with its padding), so that it fits a 1400 px window;
+# the comparison tables are kept narrower than that (tests/evaluation/test_report_layout.py estimates
+# their width), a scheme under a variant's name wraps beyond 24em, and .scroll only matters on narrow screens.
 _CSS = """
 body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1200px;
  padding:0 1rem;color:#1b1b1b}
@@ -230,7 +256,9 @@ table{border-collapse:collapse;margin:1rem 0;font-variant-numeric:tabular-nums}
 th,td{padding:.3rem .5rem;border-bottom:1px solid #e5e5e5;text-align:right}
 td{white-space:nowrap}
 th:first-child,td:first-child{text-align:left}
-td small{color:#666}
+td small{color:#666;font-size:13px;display:inline-block;max-width:24em;white-space:normal}
+caption{text-align:left;font-weight:600;color:#444;padding:.2rem 0}
+.note{color:#555;font-size:.85rem}
 .scroll{overflow-x:auto}
 thead th{background:#f4f6f8;border-bottom:2px solid #ccd}
 tr.float td{color:#555;background:#fafafa}
@@ -247,7 +275,7 @@ svg .xtick{font:11px system-ui,sans-serif;text-anchor:middle;fill:#444}
 svg .ytick{font:11px system-ui,sans-serif;text-anchor:end;fill:#444}
 svg .pt{font:11px system-ui,sans-serif;fill:#222}
 svg .val{font:10px system-ui,sans-serif;text-anchor:middle;fill:#333}
-svg .grid{stroke:#eee}svg .axis{stroke:#888}svg .ref{stroke:#c00;stroke-dasharray:4 3}
+svg .grid{stroke:#eee}svg .axis{stroke:#888}svg .ref{stroke:#c00;stroke-dasharray:4 3}svg .leader{stroke:#999}
 .legend{font-size:.85rem;display:flex;flex-wrap:wrap;gap:.4rem 1rem;margin-top:.3rem}
 .legend i{display:inline-block;width:.8rem;height:.8rem;margin-right:.35rem;vertical-align:-.1rem;border-radius:2px}
 code{font:13px ui-monospace,SFMono-Regular,Menlo,monospace;background:#f4f4f4;padding:.1rem .3rem;border-radius:3px;
@@ -274,7 +302,7 @@ def html_report(all_results: list[dict[str, Any]], titles: list[str] | None = No
         parts += [
             f"<h2>{title}</h2>",
             _provenance(results),
-            f'<div class="scroll">{_table(results)}</div>',
+            _tables(results),
             '<div class="plots">',
             *_plots(results),
             "</div>",

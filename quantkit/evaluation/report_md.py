@@ -57,15 +57,15 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x * 100:.1f}%"
 
 
-def _embedding_notes(rows: list[dict[str, Any]]) -> list[str]:
-    """One line saying how the quantized variants store their embeddings ("all weights" depends on it)."""
+def embedding_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One sentence per way the quantized variants store their embeddings ("all weights" depends on it)."""
     from ..core.record import QuantRecord
 
     how: dict[str, list[str]] = {}
     for r in rows:
         if r.get("config"):
             how.setdefault(QuantRecord.from_dict(r["config"]).embeddings_label, []).append(r["name"])
-    return [f"Quantized variants ({', '.join(names)}): {desc}." for desc, names in how.items()] + [""] if how else []
+    return [f"Quantized variants ({', '.join(names)}): {desc}." for desc, names in how.items()]
 
 
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -165,7 +165,8 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
             "|---" + "|---:" * (len(head) - 1) + "|",
             *("| " + " | ".join([r["name"], *cells]) + " |" for r, cells in zip(rows, body, strict=True)),
         ]
-        lines += ["", *_embedding_notes(rows)]
+        notes = embedding_notes(rows)
+        lines += ["", *notes, *([""] if notes else [])]
         lines += [
             f"Machine: {env.get('cpu')} ({env.get('threads')} threads){', ' + env['gpu'] if 'gpu' in env else ''}; "
             f"torch {env['torch']}, transformers {env['transformers']}, quantkit {env['quantkit']}.",

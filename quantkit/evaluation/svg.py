@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Iterator
 from typing import Any
 
 # Colour-blind-safe palette (Okabe-Ito); float baselines are drawn in grey.
@@ -106,21 +107,83 @@ def _pad(lo: float, hi: float, frac: float = 0.08) -> tuple[float, float]:
     return lo - span * frac, hi + span * frac
 
 
+# Point labels: 11 px text (the page's ``svg .pt``), their width estimated from their length. DejaVu Sans,
+# a wide system-ui fallback, takes 0.47-0.64 em per character on the labels these plots carry.
+PT_PX = 11
+EM_PER_CHAR = 0.65
+GAP = 9  # from a point's centre to its label; the dot's radius is 5
+LINE = 14  # between the rows a label may move to, above or below its point
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
+
+
+def _text_box(x: float, baseline: float, text: str, anchor: str) -> Box:
+    """The estimated box of a point label: ascenders 0.9 em above the baseline, descenders 0.25 em below."""
+    w = len(text) * PT_PX * EM_PER_CHAR
+    x0 = x - w if anchor == "end" else x
+    return x0, baseline - 0.9 * PT_PX, x0 + w, baseline + 0.25 * PT_PX
+
+
+def _overlap(a: Box, b: Box) -> float:
+    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+def _spots(px: float, py: float) -> Iterator[tuple[float, float, str, bool]]:
+    """Where the label of the point at ``(px, py)`` may go, best first: ``(x, baseline, anchor, moved)``.
+
+    Beside the point on its preferred side (the left for points in the right 30% of the plot, where a
+    label would run off it), then on the other; then in rows ``LINE`` px above and below, nearest first,
+    a little further out, with a leader line back to the point."""
+    sides = ("end", "start") if px > W * 0.7 else ("start", "end")
+    for k in range(int((H - M_TOP - M_BOTTOM) // LINE) + 1):
+        for dy in (0,) if k == 0 else (-k * LINE, k * LINE):
+            for anchor in sides:
+                gap = GAP if dy == 0 else GAP + 6
+                yield px + gap if anchor == "start" else px - gap, py + dy + 4, anchor, dy != 0
+
+
+def _place_labels(points: list[tuple[str, float, float]]) -> list[tuple[float, float, str, bool]]:
+    """A spot from :func:`_spots` for each ``(label, px, py)``, greedily in the points' order (deterministic):
+    the first whose estimated box stays inside the plot area and overlaps neither a label placed before
+    nor a dot; in a plot too crowded for that, the one that overlaps least."""
+    area = (M_LEFT + 2, M_TOP, W - 2, H - M_BOTTOM)
+    taken = [(px - 6, py - 6, px + 6, py + 6) for _, px, py in points]  # the dots, then each label placed
+    out = []
+    for label, px, py in points:
+        best, best_cost = None, math.inf
+        for spot in _spots(px, py):
+            box = _text_box(spot[0], spot[1], label, spot[2])
+            if box[0] < area[0] or box[1] < area[1] or box[2] > area[2] or box[3] > area[3]:
+                continue
+            cost = sum(_overlap(box, t) for t in taken)
+            if cost < best_cost:
+                best, best_cost = spot, cost
+            if cost == 0:
+                break
+        best = best or next(_spots(px, py))  # no spot inside the plot: a label longer than it
+        taken.append(_text_box(best[0], best[1], label, best[2]))
+        out.append(best)
+    return out
+
+
 def scatter_plot(points: list[tuple[str, float, float, str]], title: str, xlabel: str, ylabel: str) -> str:
-    """Labelled points ``(label, x, y, colour)``."""
+    """Labelled points ``(label, x, y, colour)``; labels of points close together do not overlap (see
+    :func:`_place_labels`). Each point is one ``<g class="point">``: leader line (if any), dot, label."""
     xs, ys = [p[1] for p in points], [p[2] for p in points]
     f = _Frame(title, xlabel, ylabel, _pad(min(xs), max(xs)), _pad(min(ys), max(ys)))
     out = f.open()
-    for i, (label, x, y, color) in enumerate(points):
-        px, py = f.px(x), f.py(y)
-        anchor = "end" if px > W * 0.7 else "start"
-        dx = -8 if anchor == "end" else 8
-        dy = -6 if i % 2 == 0 else 14  # alternate so that points close together stay readable
+    at = [(label, f.px(x), f.py(y)) for label, x, y, _ in points]
+    for (label, x, y, color), (_, px, py), (tx, ty, anchor, leader) in zip(points, at, _place_labels(at), strict=True):
+        out.append('<g class="point">')
+        if leader:  # drawn first: the dot covers its start
+            end = tx - 2 if anchor == "start" else tx + 2
+            out.append(f'<line x1="{px:.1f}" y1="{py:.1f}" x2="{end:.1f}" y2="{ty - 4:.1f}" class="leader"/>')
         out.append(
             f'<circle cx="{px:.1f}" cy="{py:.1f}" r="5" fill="{color}"><title>{esc(label)}: '
             f"{_fmt(x)}, {y:.3f}</title></circle>"
         )
-        out.append(f'<text x="{px + dx:.1f}" y="{py + dy:.1f}" class="pt" text-anchor="{anchor}">{esc(label)}</text>')
+        out.append(f'<text x="{tx:.1f}" y="{ty:.1f}" class="pt" text-anchor="{anchor}">{esc(label)}</text>')
+        out.append("</g>")
     out.append("</svg>")
     return "\n".join(out)
 

@@ -105,6 +105,7 @@ def test_run_writes_html_report_with_table_and_plots(tiny_run):
     for svg in svgs:
         ET.fromstring(svg)  # each plot is well-formed SVG
     assert "<table>" in page and "<script" not in page and "http" not in page.replace('xmlns="http', "")
+    assert "<caption>Accuracy and size</caption>" in page and "<caption>Speed and peak memory</caption>" in page
     for title in (
         "Perplexity vs checkpoint size",
         "Speed relative to bf16",
