@@ -10,6 +10,9 @@ Typical use::
 
     model = quantkit.load("smollm2-w8a8")                         # in an inference service
     # or, after `import quantkit`: AutoModelForCausalLM.from_pretrained("smollm2-w8a8")
+
+    # quantize while loading a float model (transformers' quantization_config convention):
+    model = AutoModelForCausalLM.from_pretrained("my-llama", quantization_config=quantkit.QuantkitConfig("w8a16"))
 """
 
 from ._version import __version__
@@ -24,6 +27,7 @@ from .formats.native import load, read_quant_config, read_record, save
 __all__ = [
     "QuantConfig",
     "QuantRecord",
+    "QuantkitConfig",
     "QuantkitError",
     "__version__",
     "calibrate",
@@ -38,3 +42,13 @@ __all__ = [
 
 # Make AutoModelForCausalLM.from_pretrained load quantkit checkpoints (cheap; see quantkit.formats.hf_hook).
 _hf_hook.install()
+
+
+def __getattr__(name: str):
+    # QuantkitConfig subclasses transformers' QuantizationConfigMixin: imported on first use, as the
+    # registration above is, so that `import quantkit` stays cheap.
+    if name == "QuantkitConfig":
+        from .formats.hf_quantizer import QuantkitConfig
+
+        return QuantkitConfig
+    raise AttributeError(f"module 'quantkit' has no attribute {name!r}")

@@ -37,11 +37,15 @@ from typing import Any
 
 import transformers
 import transformers.quantizers.auto as _auto
+from torch import nn
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._version import transformers_supported
+from ..config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig
+from ..core.calibration import DEFAULT_CALIBRATION, read_stats, read_texts
 from ..core.modules import QUANT_MODULES, Int8Embedding
+from ..core.quantize import select_targets
 from ..core.record import QUANT_METHOD, QuantRecord
 from ..errors import QuantkitError
 from .float_models import refuse_remote_code
@@ -82,14 +86,83 @@ class QuantkitHfConfig(QuantizationConfigMixin):
         yield from self.to_dict().items()
 
 
-class QuantkitHfQuantizer(HfQuantizer):
-    """Loads pre-quantized quantkit checkpoints; quantizing on load is not supported (use ``quantkit quantize``)."""
+class QuantkitConfig(QuantizationConfigMixin):
+    """Quantize a float model while transformers loads it::
 
-    # Only pre-quantized checkpoints: transformers raises a clear error for pre_quantized=False.
-    requires_calibration = True
-    quantization_config: QuantkitHfConfig
+        import quantkit
+        model = AutoModelForCausalLM.from_pretrained("my-llama", quantization_config=quantkit.QuantkitConfig("w8a16"))
+        model.save_pretrained("my-llama-w8a16")  # a normal quantkit checkpoint
+
+    The arguments are :class:`~quantkit.QuantConfig`'s (a fixed ``alpha``: ``"auto"`` and
+    ``max_drift`` measure the whole model at each candidate, which ``quantkit quantize`` does), plus
+    how a W8A8 model gets its activation statistics: ``stats``, a file from ``quantkit calibrate``
+    made on this model, or else calibration on ``calibration`` (a ``.txt``/``.jsonl`` file; the shipped
+    text when None) with ``samples`` windows of ``seq_len`` tokens, using the model folder's tokenizer.
+    W8A16 needs no calibration. The model is loaded in float, then quantized in place: peak memory is
+    the float model's (``quantkit quantize`` works one layer at a time instead).
+    """
+
+    def __init__(
+        self,
+        scheme: str = "w8a16",
+        *,
+        stats: str | Path | None = None,
+        calibration: str | Path | None = None,
+        samples: int = DEFAULT_SAMPLES,
+        seq_len: int = DEFAULT_SEQ_LEN,
+        **config: Any,
+    ) -> None:
+        config.pop("quant_method", None)
+        self.quant_method = QUANT_METHOD
+        try:
+            self.config = QuantConfig(scheme=scheme, **config)  # validates every value
+        except TypeError as e:  # an argument QuantConfig does not have
+            raise QuantkitError(f"QuantkitConfig: {str(e).partition('() ')[2] or e}") from None
+        if self.config.auto_alpha or self.config.max_drift is not None:
+            raise QuantkitError(
+                "alpha='auto' and max_drift measure the model quantized at each candidate, which loading cannot: "
+                "give a fixed alpha, or run quantkit quantize --alpha auto / --max-drift"
+            )
+        for name, f in (("stats", stats), ("calibration", calibration)):
+            if f is not None and not Path(f).is_file():
+                raise QuantkitError(f"{name} file {f} does not exist")
+        if int(samples) < 1 or int(seq_len) < 2:
+            raise QuantkitError(f"samples must be >= 1 and seq_len >= 2, not {samples} and {seq_len}")
+        self.stats = None if stats is None else str(stats)
+        self.calibration = None if calibration is None else str(calibration)
+        self.samples, self.seq_len = int(samples), int(seq_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"quant_method": QUANT_METHOD, **self.config.to_dict()}
+        return d | {
+            "stats": self.stats,
+            "calibration": self.calibration,
+            "samples": self.samples,
+            "seq_len": self.seq_len,
+        }
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+
+class QuantkitHfQuantizer(HfQuantizer):
+    """Loads quantkit checkpoints (``config.quantization_config`` a :class:`QuantkitHfConfig`), and
+    quantizes float models while loading them (a :class:`QuantkitConfig` passed to ``from_pretrained``)."""
+
+    requires_calibration = False
+    quantization_config: QuantkitHfConfig | QuantkitConfig
+
+    def __init__(self, quantization_config, **kwargs) -> None:
+        super().__init__(quantization_config, **kwargs)
+        if not self.pre_quantized and not isinstance(quantization_config, QuantkitConfig):
+            raise QuantkitError(
+                "to quantize a float model while loading it, pass quantization_config=quantkit.QuantkitConfig(...)"
+            )
+        self._float_folder: Path | None = None
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+        if not self.pre_quantized:
+            return self._check_quantize_on_load(model, checkpoint_files)
         record = self.quantization_config.record
         files = _safetensors_files(checkpoint_files)
         folder = files[0].parent if files else None
@@ -104,7 +177,84 @@ class QuantkitHfQuantizer(HfQuantizer):
                 raise_problems(folder, problems)
         return model
 
+    def _check_quantize_on_load(self, model, checkpoint_files) -> nn.Module:
+        """Everything quantizing on load can get wrong, checked before any weight is read."""
+        request: QuantkitConfig = self.quantization_config
+        files = _safetensors_files(checkpoint_files)
+        folder = files[0].parent if files else None
+        if folder is not None:
+            refuse_remote_code(folder)
+        self._float_folder = folder
+        targets = select_targets(model, request.config)
+        if not targets:
+            raise QuantkitError(f"no linear layer of this {model.config.model_type} model matches the config")
+        if request.config.needs_calibration:
+            if request.stats is not None:
+                stats, _ = read_stats(request.stats)
+                missing = [n for n in targets if n not in stats]
+                if missing:
+                    raise QuantkitError(
+                        f"statistics {request.stats} have no entry for {missing[0]} (and {len(missing) - 1} more): "
+                        "they were made on another model; recalibrate with quantkit calibrate"
+                    )
+            else:
+                self._tokenizer(folder)  # refused now if the folder has none
+                read_texts(request.calibration or DEFAULT_CALIBRATION)  # and an unreadable text
+        return model
+
+    def _tokenizer(self, folder: Path | None):
+        from transformers import AutoTokenizer
+
+        if folder is None:
+            raise QuantkitError(
+                "W8A8 calibrates with the model folder's tokenizer: load from a local folder, or pass stats="
+            )
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as e:
+            raise QuantkitError(
+                f"cannot load the tokenizer of {folder} to calibrate W8A8 ({str(e).strip().splitlines()[0]}): "
+                "pass stats= from quantkit calibrate"
+            ) from None
+
+    def _quantize_loaded(self, model) -> nn.Module:
+        """Quantize the float model transformers just loaded; make its config a quantkit checkpoint's."""
+        from ..core.quantize import calibrate, quantize
+
+        request: QuantkitConfig = self.quantization_config
+        model.config.quantization_config = None  # quantize() refuses models that already carry one
+        stats = None
+        if request.config.needs_calibration:
+            if request.stats is not None:
+                stats, metadata = read_stats(request.stats)
+                fingerprint = _fingerprint(self._float_folder)
+                if metadata.get("fingerprint") and fingerprint and metadata["fingerprint"] != fingerprint:
+                    raise QuantkitError(
+                        f"statistics {request.stats} were recorded on another model ({metadata.get('model', '?')}); "
+                        "recalibrate with quantkit calibrate"
+                    )
+            else:
+                stats = calibrate(
+                    model,
+                    self._tokenizer(self._float_folder),
+                    request.calibration,
+                    request.config,
+                    n_samples=request.samples,
+                    seq_len=request.seq_len,
+                )
+        quantize(model, request.config, stats)
+        block = dict(model.config.quantization_config)
+        fingerprint = _fingerprint(self._float_folder)
+        if fingerprint:
+            block["source_fingerprint"] = fingerprint
+        self.quantization_config = QuantkitHfConfig(**block)
+        model.config.quantization_config = self.quantization_config
+        self.pre_quantized = True  # from here on it is a quantkit checkpoint, saved as one
+        return model
+
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            model = self._quantize_loaded(model)
         record = self.quantization_config.record
         where = getattr(model.config, "_name_or_path", "") or "the checkpoint"
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -136,6 +286,14 @@ class QuantkitHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _fingerprint(folder: Path | None) -> str | None:
+    """The float model's fingerprint (what a checkpoint records as its source), if it is a local folder."""
+    if folder is None:
+        return None
+    with CheckpointReader(folder) as reader:
+        return reader.fingerprint()
 
 
 def _safetensors_files(checkpoint_files: list[str] | None) -> list[Path]:
