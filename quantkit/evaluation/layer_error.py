@@ -23,7 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..devices import resolve_device
+from ..formats import compressed_tensors
 from ..formats.float_models import load_float
+from ..formats.inspect import inspect
 from ..formats.native import load, read_record
 from ..qmath import sqnr_db
 from . import measure
@@ -88,8 +90,13 @@ def attach_layer_errors(
         if row is None:
             continue
         dtype = getattr(torch, row.get("dtype", "float32"))
-        quant_model = load(path, dtype=dtype, device=device)
-        row["layer_sqnr_db"] = layer_output_sqnr(float_model, quant_model, ids, list(read_record(path).modules))
+        if row.get("format") == "compressed-tensors":  # as transformers loads it (see quantkit eval)
+            quant_model = compressed_tensors.load_export(path, dtype, device)
+            names = inspect(path).quantized
+        else:
+            quant_model = load(path, dtype=dtype, device=device)
+            names = list(read_record(path).modules)
+        row["layer_sqnr_db"] = layer_output_sqnr(float_model, quant_model, ids, names)
         del quant_model
         gc.collect()
     results["layer_error"] = {

@@ -286,14 +286,23 @@ def evaluate_all(
     measured with static-cache CUDA-graph decoding (:func:`quantkit.evaluation.measure.speed_cuda`).
     """
     device = resolve_device(device)
-    records = {name: read_record(path) for name, path in checkpoints.items()}
-    for path in checkpoints.values():  # what loading would refuse, refused before the baseline's slow work
-        raise_problems(path, native.checkpoint_problems(path))
+    # What loading would refuse, refused before the baseline's slow work. compressed-tensors exports
+    # (what vLLM serves) are checked from their headers and loaded with transformers' own loader.
+    exports = {name for name, path in checkpoints.items() if compressed_tensors.is_export(path)}
+    records: dict[str, QuantRecord | None] = {}
+    for name, path in checkpoints.items():
+        if name in exports:
+            records[name] = compressed_tensors.check_export(path)
+        else:
+            records[name] = read_record(path)
+            raise_problems(path, native.checkpoint_problems(path))
     base_path = resolve(baseline, progress=progress)
     with CheckpointReader(base_path) as reader:
         base_fingerprint = reader.fingerprint()
     for name, record in records.items():
-        if not record.source_fingerprint:
+        if record is None:
+            log.warning("%s was not exported by quantkit; cannot check that it was made from the baseline", name)
+        elif not record.source_fingerprint:
             log.warning("%s does not record the model it was made from; cannot check the baseline", name)
         elif record.source_fingerprint != base_fingerprint and check_baseline:
             raise QuantkitError(
@@ -327,9 +336,12 @@ def evaluate_all(
             "name": name,
             "kind": "quantized",
             "dtype": ppl_dtype,
-            "config": record.to_dict(),
+            "config": record and record.to_dict(),
             "path": str(path),
         }
+        if name in exports:
+            rows.append(_evaluate_export(row, path, batch, ppl_dtype, device, progress))
+            continue
         model = load(path, dtype=getattr(torch, ppl_dtype), device=device)
         row["perplexity"] = _finite_perplexity(model, batch, name, progress)
         if measure_speed:
@@ -367,6 +379,37 @@ def evaluate_all(
         "baseline": f"float ({ppl_dtype})",
         "rows": rows,
     }
+
+
+def _evaluate_export(
+    row: dict[str, Any], path: Path, batch: torch.Tensor, ppl_dtype: str, device: torch.device, progress: bool
+) -> dict[str, Any]:
+    """A compressed-tensors export's row: perplexity through transformers' loader, bytes from its files.
+
+    Speed is not measured: transformers runs these checkpoints with float weights, not the int8
+    kernels vLLM serves them with, so its speed would describe neither.
+    """
+    import importlib.metadata
+
+    import transformers
+
+    model = compressed_tensors.load_export(path, getattr(torch, ppl_dtype), device)
+    w8a8 = row["config"] is None or QuantRecord.from_dict(row["config"]).config.scheme == "w8a8"
+    row.update(
+        format="compressed-tensors",
+        loaded_by=f"transformers {transformers.__version__} + compressed-tensors "
+        f"{importlib.metadata.version('compressed-tensors')}",
+        note=compressed_tensors.TRANSFORMERS_W8A8_NOTE
+        if w8a8
+        else "loaded by transformers' compressed-tensors loader: weights decompressed to float (quantkit's "
+        "W8A16 arithmetic exactly)",
+    )
+    row["perplexity"] = _finite_perplexity(model, batch, row["name"], progress)
+    row["weight_bytes"] = compressed_tensors.export_bytes(path)
+    row["checkpoint_bytes"] = measure.dir_bytes(path)
+    del model
+    gc.collect()
+    return row
 
 
 def _finite_perplexity(model: nn.Module, batch: torch.Tensor, name: str, progress: bool) -> float:

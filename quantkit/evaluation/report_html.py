@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats.output_dir import write_text_atomic
-from .report_md import MIB, SPEED_COLUMNS, embedding_notes, table_rows, table_text
+from .report_md import MIB, SPEED_COLUMNS, embedding_notes, format_notes, table_rows, table_text
 from .svg import FLOAT_COLOR, PALETTE, bar_plot, esc, line_plot, scatter_plot
 
 
@@ -187,7 +187,7 @@ def _tables(results: dict[str, Any]) -> str:
     if len(head) > cut:
         speed_head = [head[0], *head[cut:]]
         out.append(_table("Speed and peak memory", speed_head, [cells[cut - 1 :] for cells in body], rows))
-    notes = embedding_notes(rows)
+    notes = embedding_notes(rows) + format_notes(rows)
     if notes:
         out.append(f'<p class="note">{esc(" ".join(notes))}</p>')
     return "\n".join(out)
@@ -211,12 +211,13 @@ def _table(
 
 
 def _scheme(row: dict[str, Any]) -> str:
-    cfg = row.get("config")
+    cfg, fmt = row.get("config"), row.get("format")
     if not cfg:
-        return f"float {row.get('dtype', '')}".strip()
+        return f"{fmt} export, not made by quantkit" if fmt else f"float {row.get('dtype', '')}".strip()
     from ..core.record import QuantRecord
 
-    return QuantRecord.from_dict(cfg).label
+    label = QuantRecord.from_dict(cfg).label
+    return f"{label}, {fmt} export" if fmt else label
 
 
 def _provenance(results: dict[str, Any]) -> str:

@@ -68,6 +68,17 @@ def embedding_notes(rows: list[dict[str, Any]]) -> list[str]:
     return [f"Quantized variants ({', '.join(names)}): {desc}." for desc, names in how.items()]
 
 
+def format_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """One sentence per row measured in another format than quantkit's (a compressed-tensors export):
+    how it was loaded and what that means for its figures."""
+    return [
+        f"{r['name']}: {r['format']} export, {r['loaded_by']}; {r['note']}. Speed not measured: transformers "
+        "runs it with float weights, not the int8 kernels vLLM serves it with."
+        for r in rows
+        if r.get("format")
+    ]
+
+
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Rows with derived columns: drift vs the baseline, byte and speed ratios vs bf16/fp32."""
     rows = results["rows"]
@@ -165,7 +176,7 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
             "|---" + "|---:" * (len(head) - 1) + "|",
             *("| " + " | ".join([r["name"], *cells]) + " |" for r, cells in zip(rows, body, strict=True)),
         ]
-        notes = embedding_notes(rows)
+        notes = embedding_notes(rows) + format_notes(rows)
         lines += ["", *notes, *([""] if notes else [])]
         lines += [
             f"Machine: {env.get('cpu')} ({env.get('threads')} threads){', ' + env['gpu'] if 'gpu' in env else ''}; "

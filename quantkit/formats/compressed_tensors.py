@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -43,11 +44,12 @@ from torch import nn
 from ..config import DEFAULT_MAX_SHARD_SIZE, QuantConfig
 from ..core import smoothquant
 from ..core.calibration import ActStats
-from ..core.modules import FLOAT_LINEARS, W8A8Linear, W8A16Linear
+from ..core.modules import FLOAT_LINEARS, W8A8Linear, W8A16Linear, weight_out_in
 from ..core.quantize import quantize, select_targets
-from ..core.record import record_of
+from ..core.record import QuantRecord, record_of
 from ..core.sequential import Emit
 from ..errors import QuantkitError
+from .float_models import refuse_remote_code
 from .native import float_dtype, unique_state_dict
 from .output_dir import atomic_output_dir
 from .shard_writer import ShardWriter, parse_size
@@ -69,6 +71,43 @@ def check_exportable(model: nn.Module, config: QuantConfig) -> None:
             f"(GPT-2 Conv1D, e.g. {transposed[0]}); compressed-tensors and vLLM expect nn.Linear [out, in] "
             "weights, so this model can only be written in quantkit's format (--format quantkit)"
         )
+    warn_vllm_shapes(model, config)
+
+
+# vLLM's kernels for compressed-tensors INT8 (vllm/model_executor/layers/quantization, per
+# tensor-parallel shard): 8-bit channelwise weight-only layers (pack-quantized) run on Marlin, which
+# needs in % 128 == 0 and out % 64 == 0 (GPTQ_MARLIN_MIN_THREAD_K / _N); Machete (Hopper) needs
+# out % 128 == 0. W8A8 int-quantized layers run on CUTLASS's scaled_mm, which needs sizes % 16 == 0.
+VLLM_W8A16_RULES = {"Marlin": (128, 64), "Machete": (1, 128)}  # kernel: (in multiple, out multiple)
+VLLM_W8A8_MULTIPLE = 16
+
+
+def vllm_shape_violations(w8a16: dict[str, tuple[int, int]], w8a8: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+    """Per vLLM kernel, the layers (``name [out, in]``) whose shapes it cannot take (tensor parallel 1)."""
+    out: dict[str, list[str]] = {}
+    for kernel, (k_mult, n_mult) in VLLM_W8A16_RULES.items():
+        bad = [f"{m} {list(sh)}" for m, sh in w8a16.items() if sh[1] % k_mult or sh[0] % n_mult]
+        if bad:
+            out[kernel] = bad
+    bad = [f"{m} {list(sh)}" for m, sh in w8a8.items() if sh[0] % VLLM_W8A8_MULTIPLE or sh[1] % VLLM_W8A8_MULTIPLE]
+    if bad:
+        out["CUTLASS scaled_mm (W8A8)"] = bad
+    return out
+
+
+def warn_vllm_shapes(model: nn.Module, config: QuantConfig) -> None:
+    """Log a warning naming the layers whose shapes vLLM's INT8 kernels for this scheme cannot take."""
+    shapes = {n: tuple(weight_out_in(m).shape) for n, m in select_targets(model, config).items()}
+    bad = vllm_shape_violations(shapes if config.scheme == "w8a16" else {}, shapes if config.scheme == "w8a8" else {})
+    if "Marlin" not in bad:
+        bad.pop("Machete", None)  # Hopper only, and Marlin takes what it does not
+    for kernel, layers in bad.items():
+        log.warning(
+            "%d of %d layers do not fit vLLM's %s kernel (e.g. %s): vLLM falls back to a slower kernel for "
+            "them, or refuses to load the checkpoint where no other kernel takes them; `quantkit inspect` on the "
+            "export lists them",
+            len(layers), len(shapes), kernel, ", ".join(layers[:3]),
+        )  # fmt: skip
 
 
 def export_config(config: QuantConfig) -> QuantConfig:
@@ -326,3 +365,74 @@ def write_metadata(model: nn.Module, folder: Path, tokenizer=None) -> None:
 
 
 _TRANSPOSED_MODEL_TYPES = ("gpt2",)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading exports back: what `quantkit eval` measures of the checkpoint people serve
+# ----------------------------------------------------------------------------------------------
+
+# How transformers runs an int-quantized (W8A8) export: it decompresses the weights to float and
+# simulates the int8 activations in float with compressed-tensors' own rounding (per-token scale
+# max|x| / 127.5, values clamped to [-128, 127]); vLLM runs int8 GEMMs with max|x| / 127, as quantkit.
+TRANSFORMERS_W8A8_NOTE = (
+    "loaded by transformers' compressed-tensors loader: weights decompressed to float, W8A8 activations "
+    "fake-quantized in float with compressed-tensors' scale max|x|/127.5 (vLLM and quantkit use max|x|/127 "
+    "and int8 GEMMs), so its perplexity is close to, not exactly, what vLLM serves"
+)
+
+
+def is_export(path: str | Path) -> bool:
+    """Whether the folder's ``config.json`` declares compressed-tensors quantization."""
+    try:
+        qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
+
+
+def check_export(path: str | Path) -> QuantRecord | None:
+    """Refuse, in one line, an export that transformers cannot load or whose tensors do not match its
+    config (checked from the headers, before any weight is read). Returns the quantkit record it was
+    made with (from ``quantkit_export.json``), or None if another tool wrote it."""
+    path = Path(path)
+    if importlib.util.find_spec("compressed_tensors") is None:
+        raise QuantkitError(
+            f"{path} is a compressed-tensors checkpoint; transformers loads it with the compressed-tensors "
+            "package: pip install compressed-tensors"
+        )
+    refuse_remote_code(path)
+    from .inspect import inspect  # inspect imports this module
+
+    info = inspect(path)
+    if info.problems:
+        raise QuantkitError(
+            f"{path} does not hold what its quantization_config promises: {info.problems[0]} "
+            f"(`quantkit inspect {path}` lists every problem)"
+        )
+    provenance = path / PROVENANCE_NAME
+    if not provenance.is_file():
+        return None
+    try:
+        return QuantRecord.from_dict(json.loads(provenance.read_text())["quantkit_config"])
+    except (ValueError, KeyError, TypeError):
+        raise QuantkitError(f"{provenance} is damaged; re-export the checkpoint, or delete the file") from None
+
+
+def export_bytes(path: str | Path) -> dict[str, int]:
+    """Weight bytes of an export as :func:`quantkit.evaluation.measure.weight_bytes` counts a loaded
+    model's, from the files (transformers holds the weights decompressed to float)."""
+    from .inspect import inspect
+
+    b = inspect(path).bytes
+    linear = b["quantized_weights"] + b["scales"]
+    return {"total": linear + b["float_tensors"], "linear": linear, "quantized_linear": linear}
+
+
+def load_export(path: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    """The export as transformers serves it to Python users (``from_pretrained``), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    from ..devices import resolve_device
+
+    model = AutoModelForCausalLM.from_pretrained(Path(path), dtype=dtype, trust_remote_code=False)
+    return model.to(resolve_device(device)).eval()

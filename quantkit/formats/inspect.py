@@ -24,7 +24,7 @@ from torch import nn
 from ..core.modules import SCALE_BUFFERS, is_float_linear, weight_out_in
 from ..core.record import QuantRecord
 from ..errors import QuantkitError
-from .compressed_tensors import PROVENANCE_NAME
+from .compressed_tensors import PROVENANCE_NAME, vllm_shape_violations
 from .native import checkpoint_problems
 from .safetensors_io import CheckpointReader
 
@@ -153,6 +153,7 @@ def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
             problems.append(f"{m}: W8A16 layer with activation tensors")
         if record.scheme_of(m) == "w8a8" and (m in static) != (qconfig.activations == "per_tensor"):
             problems.append(f"{m}: input_scale {'present' if m in static else 'missing'} for {qconfig.activations}")
+    shaped = {m for m in modules if (t := tensors.get(f"{m}.weight")) is not None and len(t.shape) == 2}
     embeddings = [n for n in (record.input_embedding, record.output_embedding) if n]
     for m in embeddings:
         if m == record.output_embedding and record.tied_embeddings:
@@ -206,6 +207,19 @@ def _inspect_quantkit(path, config, qc, tensors, linears) -> CheckpointInfo:
             "static_input_scales": len(static),
             "exclude": list(qconfig.exclude),
             "include": list(qconfig.include),
+            "vllm_kernels": [
+                f"{note} (after export with --format compressed-tensors)"
+                for note in vllm_kernel_notes(
+                    *(
+                        {
+                            m: tensors[f"{m}.weight"].shape
+                            for m in modules
+                            if m in shaped and record.scheme_of(m) == scheme
+                        }
+                        for scheme in ("w8a16", "w8a8")
+                    )
+                )
+            ],
         },
     )
 
@@ -216,31 +230,59 @@ _CT_PARAMS = {
 }
 
 
-def _inspect_compressed_tensors(path, config, qc, tensors, linears) -> CheckpointInfo:
+def _ct_layer_formats(groups: dict[str, Any], found: list[str]) -> tuple[dict[str, str], dict[str, Any], list[str]]:
+    """Each quantized layer's group format, the activation settings per format, and problems.
+
+    A group targets the class ``Linear`` (every quantized layer) or names its layers (the
+    ``mixed-precision`` export of ``--max-drift``)."""
+    formats: dict[str, str] = {}
+    acts: dict[str, Any] = {}
     problems: list[str] = []
+    for gname, g in groups.items():
+        fmt = g.get("format")
+        if fmt not in _CT_PARAMS:
+            problems.append(
+                f"{gname}: format {fmt!r}; only quantkit's exports (int-quantized, pack-quantized) are checked"
+            )
+            continue
+        acts[fmt] = g.get("input_activations")
+        targets = g.get("targets") or []
+        for m in found if targets == ["Linear"] else targets:
+            formats.setdefault(m, fmt)
+    return formats, acts, problems
+
+
+def _inspect_compressed_tensors(path, config, qc, tensors, linears) -> CheckpointInfo:
     groups = qc.get("config_groups") or {}
-    fmt = qc.get("format")
-    if len(groups) != 1 or fmt not in _CT_PARAMS:
-        problems.append(f"format {fmt!r} with {len(groups)} config groups: only quantkit's exports are checked")
-    group = next(iter(groups.values()), {}) if groups else {}
-    acts = group.get("input_activations")
-    if acts is None:
-        scheme = "W8A16: int8 per-channel weights, float activations"
-    else:
-        how = "dynamic per-token" if acts.get("dynamic") else f"static per-{acts.get('strategy')}"
-        scheme = f"W8A8: int8 per-channel weights, {how} int8 activations"
-    ignore = set(qc.get("ignore") or [])
-    expected = _CT_PARAMS.get(fmt, {})
-    first = next(iter(expected), "weight")
     found = {
         k.rpartition(".")[0]
         for k in tensors
-        if k.endswith(f".{first}") and f"{k[: -len(first)]}weight_scale" in tensors
+        if k.endswith((".weight", ".weight_packed")) and f"{k.rpartition('.')[0]}.weight_scale" in tensors
     }
     order = {n: i for i, n in enumerate(linears or {})}  # model order where the architecture is known
     quantized = sorted(found, key=lambda n: (order.get(n, len(order)), n))
+    formats, acts_of, problems = _ct_layer_formats(groups, quantized)
+    if not groups:
+        problems.append("quantization_config has no config_groups")
+    schemes = []
+    for fmt in dict.fromkeys(formats.values()):
+        acts = acts_of[fmt]
+        if acts is None:
+            schemes.append("W8A16: int8 per-channel weights, float activations")
+        else:
+            how = "dynamic per-token" if acts.get("dynamic") else f"static per-{acts.get('strategy')}"
+            schemes.append(f"W8A8: int8 per-channel weights, {how} int8 activations")
+    scheme = "; ".join(schemes) or "none"
+    if len(schemes) > 1:
+        counts = Counter(formats.values())
+        scheme = f"mixed: {schemes[0]} ({counts['int-quantized']} layers); {schemes[1]} ({counts['pack-quantized']})"
+    ignore = set(qc.get("ignore") or [])
     for m in quantized:
-        for p, dt in expected.items():
+        fmt = formats.get(m)
+        if fmt is None:
+            problems.append(f"{m}: quantized tensors on disk but no config group covers it")
+            continue
+        for p, dt in _CT_PARAMS[fmt].items():
             t = tensors.get(f"{m}.{p}")
             if t is None or (dt is not None and t.dtype != dt):
                 problems.append(f"{m}: missing or wrong {p}")
@@ -256,11 +298,13 @@ def _inspect_compressed_tensors(path, config, qc, tensors, linears) -> Checkpoin
             w = tensors.get(f"{m}.weight")
             if w is not None and w.shape != out_in:
                 problems.append(f"{m}: weight {list(w.shape)} but the architecture has {list(out_in)}")
+        acts = acts_of.get(fmt)
         if acts is not None and not acts.get("dynamic") and f"{m}.input_scale" not in tensors:
             problems.append(f"{m}: static activations but no input_scale")
+    problems += [f"{m}: named by a config group but not on disk" for m in formats if m not in found]
     skipped = sorted(ignore)
     if linears is not None:
-        unaccounted = [n for n in linears if n not in ignore and n not in quantized]
+        unaccounted = [n for n in linears if n not in ignore and n not in found]
         if unaccounted:
             problems.append(f"linear layers neither quantized nor ignored: {unaccounted[:3]}")
     provenance = path / PROVENANCE_NAME
@@ -268,10 +312,14 @@ def _inspect_compressed_tensors(path, config, qc, tensors, linears) -> Checkpoin
     if provenance.is_file():
         made_by = json.loads(provenance.read_text()).get("quantkit_config", {}).get("tool_version", "?")
         tool = f"quantkit {made_by} ({tool})"
-    q = set(quantized)
+    shapes = {m: _ct_shape(m, formats.get(m), tensors, linears) for m in quantized}
+    vllm = vllm_kernel_notes(
+        {m: sh for m, sh in shapes.items() if sh and formats.get(m) == "pack-quantized"},
+        {m: sh for m, sh in shapes.items() if sh and formats.get(m) == "int-quantized"},
+    )
     return CheckpointInfo(
         path=str(path),
-        format=f"compressed-tensors ({fmt})",
+        format=f"compressed-tensors ({qc.get('format')})",
         scheme=scheme,
         model_type=config.get("model_type", "?"),
         dtype=str(config.get("dtype") or config.get("torch_dtype") or "?"),
@@ -281,11 +329,39 @@ def _inspect_compressed_tensors(path, config, qc, tensors, linears) -> Checkpoin
         bytes=_bytes(
             tensors,
             path,
-            lambda n, t: n.rpartition(".")[0] in q and n.rpartition(".")[2] in ("weight", "weight_packed"),
-            lambda n, t: n.rpartition(".")[0] in q and n.rpartition(".")[2] in ("weight_scale", "input_scale"),
+            lambda n, t: n.rpartition(".")[0] in found and n.rpartition(".")[2] in ("weight", "weight_packed"),
+            lambda n, t: n.rpartition(".")[0] in found and n.rpartition(".")[2] in ("weight_scale", "input_scale"),
         ),
         problems=problems,
+        details={"vllm_kernels": vllm},
     )
+
+
+def _ct_shape(m: str, fmt: str | None, tensors: dict[str, TensorInfo], linears) -> tuple[int, int] | None:
+    """A quantized layer's ``(out, in)``: from the architecture, else from its tensors."""
+    if linears is not None and m in linears:
+        return linears[m]
+    if fmt == "int-quantized" and f"{m}.weight" in tensors:
+        return tensors[f"{m}.weight"].shape
+    return None  # a packed layer's shape is in its weight_shape tensor's data, which inspect does not read
+
+
+def vllm_kernel_notes(w8a16: dict[str, tuple[int, int]], w8a8: dict[str, tuple[int, int]]) -> list[str]:
+    """One line per kernel: whether vLLM's INT8 kernels take every layer's shape, and which they do not."""
+    bad = vllm_shape_violations(w8a16, w8a8)
+
+    def fit(kernel: str, of: dict) -> str:
+        if kernel not in bad:
+            return f"all {len(of)} layers fit"
+        return f"{len(bad[kernel])} of {len(of)} layers do not fit, e.g. {', '.join(bad[kernel][:3])}"
+
+    notes = []
+    if w8a16:
+        notes.append(f"W8A16 on Marlin (in % 128, out % 64): {fit('Marlin', w8a16)}")
+        notes.append(f"W8A16 on Machete, Hopper (out % 128): {fit('Machete', w8a16)}")
+    if w8a8:
+        notes.append(f"W8A8 on CUTLASS (in, out % 16): {fit('CUTLASS scaled_mm (W8A8)', w8a8)}")
+    return notes
 
 
 def _mib(n: int) -> str:
@@ -323,6 +399,9 @@ def format_text(info: CheckpointInfo) -> str:
     ]
     for k, v in info.details.items():
         if v not in ([], 0):
+            if k == "vllm_kernels":  # one line each
+                lines += [f"  {'vLLM' if i == 0 else '':<11} {note}" for i, note in enumerate(v)]
+                continue
             lines.append(f"  {_DETAIL_LABELS.get(k, k):<11} {', '.join(v) if isinstance(v, list) else v}")
     if info.consistent:
         lines.append("  consistent  yes: every tensor the config promises is on disk with the right dtype and shape")
