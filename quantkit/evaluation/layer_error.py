@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..devices import resolve_device
-from ..formats import compressed_tensors
+from ..formats import served
 from ..formats.float_models import load_float
 from ..formats.inspect import inspect
 from ..formats.native import load, read_record
@@ -91,7 +91,7 @@ def attach_layer_errors(
             continue
         dtype = getattr(torch, row.get("dtype", "float32"))
         if row.get("format") == "compressed-tensors":  # as transformers loads it (see quantkit eval)
-            quant_model = compressed_tensors.load_export(path, dtype, device)
+            quant_model = served.load_export(path, dtype, device)
             names = inspect(path).quantized
         else:
             quant_model = load(path, dtype=dtype, device=device)

@@ -37,7 +37,7 @@ from ..core.record import QuantRecord
 from ..core.sequential import Emit, collect_stats_layerwise, quantize_layerwise
 from ..devices import device_name, resolve_device
 from ..errors import QuantkitError
-from ..formats import compressed_tensors, native
+from ..formats import compressed_tensors, native, served
 from ..formats.compressed_tensors import check_exportable
 from ..formats.float_models import check_weights_present, load_float, load_skeleton, native_dtype, resolve
 from ..formats.native import load, read_record
@@ -288,11 +288,11 @@ def evaluate_all(
     device = resolve_device(device)
     # What loading would refuse, refused before the baseline's slow work. compressed-tensors exports
     # (what vLLM serves) are checked from their headers and loaded with transformers' own loader.
-    exports = {name for name, path in checkpoints.items() if compressed_tensors.is_export(path)}
+    exports = {name for name, path in checkpoints.items() if served.is_export(path)}
     records: dict[str, QuantRecord | None] = {}
     for name, path in checkpoints.items():
         if name in exports:
-            records[name] = compressed_tensors.check_export(path)
+            records[name] = served.check_export(path)
         else:
             records[name] = read_record(path)
             raise_problems(path, native.checkpoint_problems(path))
@@ -393,19 +393,19 @@ def _evaluate_export(
 
     import transformers
 
-    model = compressed_tensors.load_export(path, getattr(torch, ppl_dtype), device)
+    model = served.load_export(path, getattr(torch, ppl_dtype), device)
     w8a8 = row["config"] is None or QuantRecord.from_dict(row["config"]).config.scheme == "w8a8"
     row.update(
         format="compressed-tensors",
         loaded_by=f"transformers {transformers.__version__} + compressed-tensors "
         f"{importlib.metadata.version('compressed-tensors')}",
-        note=compressed_tensors.TRANSFORMERS_W8A8_NOTE
+        note=served.TRANSFORMERS_W8A8_NOTE
         if w8a8
         else "loaded by transformers' compressed-tensors loader: weights decompressed to float (quantkit's "
         "W8A16 arithmetic exactly)",
     )
     row["perplexity"] = _finite_perplexity(model, batch, row["name"], progress)
-    row["weight_bytes"] = compressed_tensors.export_bytes(path)
+    row["weight_bytes"] = served.export_bytes(path)
     row["checkpoint_bytes"] = measure.dir_bytes(path)
     del model
     gc.collect()
