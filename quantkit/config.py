@@ -42,6 +42,8 @@ DEFAULT_SEQ_LEN = 512  # tokens per calibration window
 DEFAULT_EVAL_WINDOW = 512  # tokens per perplexity window
 DEFAULT_EVAL_WINDOWS = 32  # perplexity windows
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # checkpoint shards, as Hugging Face writes them (GB = 10^9 bytes)
+DEFAULT_ESTIMATE_CONTEXT = 4096  # quantkit estimate: tokens of context (or the model's limit if smaller)
+DEFAULT_BANDWIDTH_GB_S = 3350.0  # quantkit estimate: memory bandwidth, GB/s (H100 SXM, HBM3)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,12 @@ def test_installed_wheel_quantizes_and_evaluates_from_another_directory(tmp_path
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(dist), str(source)], check=True)
     wheel = next(dist.glob("quantkit-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for packaged in ("quantkit/data/persuasion.txt", "quantkit/data/emma.txt", "quantkit/kernels/cpu_fused.cpp"):
+    shipped = ["quantkit/data/persuasion.txt", "quantkit/data/emma.txt", "quantkit/kernels/cpu_fused.cpp"]
+    shipped += [
+        "quantkit/evaluation/lm_eval_tasks/quantkit_emma.yaml",
+        "quantkit/evaluation/lm_eval_tasks/quantkit_emma.py",
+    ]
+    for packaged in shipped:
         assert packaged in names, packaged
 
     venv = tmp_path / "venv"  # torch and the other dependencies come from this interpreter's site-packages

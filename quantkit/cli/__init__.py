@@ -1,4 +1,4 @@
-"""Command line: ``quantkit {run,quantize,calibrate,eval,report,inspect} ...``.
+"""Command line: ``quantkit {run,quantize,calibrate,eval,report,inspect,estimate,lm-eval} ...``.
 
 ``quantkit CMD --help`` explains each. Every error a user can cause ends as one line
 ``quantkit: error: ...`` with exit status 2 (a traceback only with ``--verbose``); Ctrl-C and
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ def _setup_logging(args: argparse.Namespace) -> bool:
     hf_logging.set_verbosity_error()
     if args.quiet:
         hf_logging.disable_progress_bar()
+        os.environ["TQDM_DISABLE"] = "1"  # and the bars of libraries below (compressed-tensors, lm_eval)
     return not args.quiet
 
 

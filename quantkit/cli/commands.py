@@ -170,6 +170,27 @@ def _cmd_inspect(args, progress: bool) -> int:
     return 0 if info.consistent else 1
 
 
+def _cmd_lm_eval(args, progress: bool) -> int:
+    from ..evaluation.harness import run_lm_eval
+
+    return run_lm_eval(args.lm_eval_args)
+
+
+def _cmd_estimate(args, progress: bool) -> None:
+    from ..evaluation.estimate import estimate, format_text
+
+    result = estimate(
+        args.model,
+        context=args.context,
+        batch=args.batch,
+        bandwidth_gb_s=args.bandwidth,
+        kv_dtype=args.kv_dtype,
+        embeddings=args.embeddings,
+        progress=progress,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_text(result))
+
+
 COMMANDS = {
     "run": _cmd_run,
     "quantize": _cmd_quantize,
@@ -177,4 +198,6 @@ COMMANDS = {
     "eval": _cmd_eval,
     "report": _cmd_report,
     "inspect": _cmd_inspect,
+    "estimate": _cmd_estimate,
+    "lm-eval": _cmd_lm_eval,
 }

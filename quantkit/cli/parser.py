@@ -1,4 +1,4 @@
-"""The command line's parser: ``quantkit {run,quantize,calibrate,eval,report,inspect} ...``.
+"""The command line's parser: ``quantkit {run,quantize,calibrate,eval,report,inspect,estimate,lm-eval} ...``.
 
 Option values are range-checked here, before any work; every parse error is one line.
 """
@@ -14,6 +14,8 @@ from ..config import (
     AUTO,
     CLI_DEFAULT_ALPHA,
     DEFAULT_ALPHA,
+    DEFAULT_BANDWIDTH_GB_S,
+    DEFAULT_ESTIMATE_CONTEXT,
     DEFAULT_EVAL_WINDOW,
     DEFAULT_EVAL_WINDOWS,
     DEFAULT_MAX_SHARD_SIZE,
@@ -35,11 +37,34 @@ _EPILOG = """examples:
   quantkit eval smollm2-w8a8 --baseline smollm2-135m --out w8a8.json
   quantkit report w8a8.json --out report.md                  # also writes report.html
   quantkit inspect smollm2-w8a8
+  quantkit estimate ./llama-3-8b --context 8192 --batch 8    # bytes, KV cache, FLOPs, decode ceiling: config only
+"""
+
+_LM_EVAL_EPILOG = """examples:
+  quantkit lm-eval --model hf --model_args pretrained=smollm2-w8a16,dtype=float32 --tasks quantkit_emma --limit 5
+  quantkit lm-eval --model hf --model_args pretrained=smollm2-w8a8 --tasks hellaswag --output_path results/
+  quantkit lm-eval ls tasks                         # lm_eval's task list, quantkit_emma included
+requires lm_eval: pip install 'lm_eval>=0.4.10' (or pip install 'quantkit[lm-eval]')
 """
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line, like quantkit's own: ``quantkit CMD: error: ...``."""
+    """argparse with its errors on one line, like quantkit's own: ``quantkit CMD: error: ...``.
+
+    ``passthrough=NAME``: the command's arguments are another program's, so they are not parsed but
+    kept, unchanged, as the list ``args.NAME`` (``-h``/``--help`` alone still shows the command's help).
+    """
+
+    def __init__(self, *args, passthrough: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._passthrough = passthrough
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._passthrough is None or args is None or list(args) in (["-h"], ["--help"]):
+            return super().parse_known_args(args, namespace)
+        namespace, _ = super().parse_known_args([], namespace)  # the command's defaults
+        setattr(namespace, self._passthrough, list(args))
+        return namespace, []
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -72,6 +97,17 @@ def _percent(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0.0 < value < 1000:  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be a positive percentage, not {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """A positive number, e.g. a bandwidth in GB/s."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < float("inf"):  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
     return value
 
 
@@ -311,4 +347,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="checkpoint folder (quantkit or compressed-tensors)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     _add_common(p)
+
+    p = sub.add_parser(
+        "estimate",
+        help="parameters, checkpoint bytes, KV cache, decode FLOPs and speed ceiling of a model, from its config",
+        description="Estimate a model from its config.json alone (built on the meta device; no weights read): "
+        "parameters by kind; the checkpoint's bytes in fp32, bf16, and W8A16 and W8A8 as quantkit writes them "
+        "(int8 weights with an fp32 scale per output channel, other tensors bf16); KV-cache bytes per token and at "
+        "a context; decode FLOPs per token; and the bandwidth-bound decode ceiling in tokens/s (a step reads the "
+        "KV cache and every weight but the embedding tables it only looks rows up in).",
+    )
+    p.add_argument("model", help=f"local model folder, its config.json (any file name), or '{DEFAULT_MODEL}'")
+    p.add_argument(
+        "--context",
+        type=_int_at_least(1),
+        metavar="N",
+        help=f"tokens of context for the KV cache and attention (default: {DEFAULT_ESTIMATE_CONTEXT}, or the "
+        "model's max_position_embeddings if smaller)",
+    )
+    p.add_argument(
+        "--batch", type=_int_at_least(1), default=1, help="sequences decoded together (default: %(default)s)"
+    )
+    p.add_argument(
+        "--bandwidth",
+        type=_positive,
+        default=DEFAULT_BANDWIDTH_GB_S,
+        metavar="GB/S",
+        help="memory bandwidth in GB/s (10^9 bytes) (default: %(default)g, an H100 SXM's HBM3)",
+    )
+    p.add_argument("--kv-dtype", choices=FLOAT_DTYPES, default="bfloat16", help="KV-cache dtype (default: %(default)s)")
+    p.add_argument(
+        "--embeddings",
+        choices=EMBEDDINGS,
+        default=defaults.embeddings,
+        help="how the W8A16 and W8A8 checkpoints store the embedding and lm_head, as for quantize "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "lm-eval",
+        passthrough="lm_eval_args",
+        help="run lm-evaluation-harness (lm_eval) on quantkit checkpoints; every argument is lm_eval's",
+        description="Run lm-evaluation-harness's command line in a process that has imported quantkit, so that its "
+        "hf model loads quantkit checkpoints (from_pretrained). The arguments go to lm_eval unchanged; "
+        "'quantkit lm-eval run --help' (or lm_eval --help) lists them. The tasks shipped with quantkit are added "
+        "unless you pass --include_path: quantkit_emma, word perplexity on the 55 chapters of the shipped Emma, "
+        "offline. The pretrained= folder and the checkpoint are checked before lm_eval starts.",
+        epilog=_LM_EVAL_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="LM_EVAL_ARGS", help="lm_eval's arguments")
+    p.set_defaults(quiet=False, verbose=False)
     return parser
