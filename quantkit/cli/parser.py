@@ -303,7 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate quantized checkpoints and their float baseline in the same run; write JSON. "
         f"Perplexity: N evenly spaced non-overlapping {DEFAULT_EVAL_WINDOW}-token windows of Emma, fp32 activations.",
     )
-    p.add_argument("checkpoints", nargs="+", type=Path, help="quantized checkpoint folders")
+    p.add_argument(
+        "checkpoints",
+        nargs="+",
+        type=Path,
+        help="quantized checkpoint folders: quantkit's, or compressed-tensors exports (what vLLM serves; loaded "
+        "with transformers' own loader, perplexity and size only)",
+    )
     p.add_argument("--baseline", required=True, help=f"the float model they came from (folder or '{DEFAULT_MODEL}')")
     p.add_argument("--out", type=Path, required=True, help="results JSON to write")
     p.add_argument("--text", type=Path, help="evaluation text (default: shipped Emma)")
