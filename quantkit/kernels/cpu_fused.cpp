@@ -4,6 +4,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
 #define QK_AVX2 1
@@ -138,6 +142,76 @@ void check_operands(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   TORCH_CHECK(weight_scale.numel() == weight.size(0), "weight_scale must have N elements");
 }
 
+// ---- int8 GEMV for a few rows (decode) with AVX512-VNNI --------------------------------------------
+// At one to a few rows, oneDNN's _int_mm spends more on setup than on the multiply (58 us per call
+// on the default model's 576-wide layers, measured). This kernel streams each weight row once and
+// multiplies it with every activation row using vpdpbusd (4 u8 x s8 products summed into each int32
+// lane). vpdpbusd wants an unsigned operand, so the activations are shifted to u8 (x + 128, by
+// flipping the sign bit) and 128 * sum(w) is subtracted: int32 arithmetic, exact, so the result is
+// bit-identical to _int_mm's (and the reference's).
+constexpr int64_t kGemvMaxRows = 4;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define QK_VNNI 1
+// Output columns [begin, end) of acc [M, N] (its own function: the target attribute does not reach
+// into a lambda, and code using AVX512 intrinsics must carry it).
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemv_vnni_columns(
+    const int8_t* q, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* acc, int64_t begin, int64_t end) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // int8 x -> uint8 x + 128
+  const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));  // 128 as the unsigned operand
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* wr = w + n * K;
+    __m512i corr = _mm512_setzero_si512();
+    __m512i a[kGemvMaxRows];
+    for (int64_t m = 0; m < M; ++m) a[m] = _mm512_setzero_si512();
+    for (int64_t k = 0; k < K; k += 64) {
+      // Lanes past K load as zero weights: their products vanish whatever the activation lane holds.
+      const __mmask64 mask = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;
+      const __m512i wv = _mm512_maskz_loadu_epi8(mask, wr + k);
+      corr = _mm512_dpbusd_epi32(corr, c128, wv);
+      for (int64_t m = 0; m < M; ++m) {
+        const __m512i xv = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, q + m * K + k), flip);
+        a[m] = _mm512_dpbusd_epi32(a[m], xv, wv);
+      }
+    }
+    const int32_t c = _mm512_reduce_add_epi32(corr);
+    for (int64_t m = 0; m < M; ++m) acc[m * N + n] = _mm512_reduce_add_epi32(a[m]) - c;
+  }
+}
+
+void gemv_vnni(const int8_t* q, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* acc) {
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { gemv_vnni_columns(q, M, K, w, N, acc, begin, end); });
+}
+
+bool has_vnni() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vnni");
+  return yes;
+}
+#else
+bool has_vnni() { return false; }
+#endif
+
+// int8 [M, K] x int8 [N, K]^T -> int32 [M, N], exact: the VNNI GEMV for a few rows, else _int_mm.
+at::Tensor int8_matmul(const at::Tensor& q, const at::Tensor& weight) {
+  const int64_t M = q.size(0), K = q.size(1), N = weight.size(0);
+#ifdef QK_VNNI
+  // QUANTKIT_GEMV=0 keeps _int_mm for every row count (A/B benchmarks: eval/bench_cpu.py --no-gemv).
+  static const bool enabled = [] {
+    const char* v = std::getenv("QUANTKIT_GEMV");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  if (enabled && M <= kGemvMaxRows && has_vnni() && weight.is_contiguous()) {
+    at::Tensor acc = at::empty({M, N}, q.options().dtype(at::kInt));
+    gemv_vnni(q.data_ptr<int8_t>(), M, K, weight.data_ptr<int8_t>(), N, acc.data_ptr<int32_t>());
+    return acc;
+  }
+#endif
+  // torch 2.13's CPU _int_mm returns wrong sums for K = 1 (probed: every M); tiny K is cheap in int32.
+  if (K == 1) return at::matmul(q.to(at::kInt), weight.to(at::kInt).t());
+  return at::_int_mm(q, weight.t());
+}
+
 }  // namespace
 
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
@@ -168,7 +242,7 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
     parallel_rows(M, K, [&](int64_t m) { sp[m] = quantize_row(xp + m * K, sm, K, static_scale, qp + m * K); });
   });
   // int32 accumulation is exact: |sum| <= K * 127 * 127 < 2^31 for K up to 133,000.
-  at::Tensor acc = at::_int_mm(q, weight.t());
+  at::Tensor acc = int8_matmul(q, weight);
   const int32_t* ap = acc.data_ptr<int32_t>();
   const float* sp = scales.data_ptr<float>();
   const float* wp = ws.data_ptr<float>();

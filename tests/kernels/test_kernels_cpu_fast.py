@@ -215,3 +215,17 @@ def test_peak_memory_in_a_fresh_process(tmp_path):
     # interpreter and libraries.
     assert 0 < mem["peak_memory_bytes"] < 64 << 20
     assert evaluate.peak_memory(tmp_path / "missing", kind="quantized", dtype="float32", prompt=torch.arange(8)) is None
+
+
+@pytest.mark.parametrize("k", [1, 7, 63, 64, 65, 576, 1537])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+def test_fused_w8a8_decode_gemv_is_exact(fused, m, k):
+    """At <= 4 rows the int8 product comes from the VNNI GEMV where the CPU has it (else _int_mm):
+    exact either way, for K not a multiple of the 64-byte vector, and past the GEMV's row limit."""
+    for n in (1, 5, 130):
+        x, w, ws, b, smooth = _operands(m, k, n, torch.bfloat16)
+        x[0, 0] = -x[0].abs().max() * 2  # a row whose quantized values include -127 (the u8 shift's edge)
+        for bias, smooth_inv, input_scale in _w8a8_variants(x, b, smooth):
+            ref = reference.w8a8_linear(x, w, ws, bias, smooth_inv, input_scale)
+            assert torch.equal(fused.w8a8_linear(x, w, ws, bias, smooth_inv, input_scale), ref), (n, bias is not None)
+    assert isinstance(fused.module().has_vnni(), bool)
