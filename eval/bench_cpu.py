@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         "environment": evaluate.environment(),
         "cpu": cpu_features(),
         "backends": kernels.backends(),
-        "env": {k: os.environ.get(k) for k in ("QUANTKIT_COMPILE", "QUANTKIT_KERNELS", "QUANTKIT_GEMV", "OMP_NUM_THREADS")},
+        "env": {
+            k: os.environ.get(k) for k in ("QUANTKIT_COMPILE", "QUANTKIT_KERNELS", "QUANTKIT_GEMV", "OMP_NUM_THREADS")
+        },
     }
     t0 = time.time()
     if not args.skip_model:
