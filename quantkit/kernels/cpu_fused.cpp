@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cstdlib>
+#include <string>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -179,8 +180,31 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemv_vnni_columns(
   }
 }
 
-void gemv_vnni(const int8_t* q, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* acc) {
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) { gemv_vnni_columns(q, M, K, w, N, acc, begin, end); });
+// The same GEMV for x86 CPUs without VNNI (AVX2 only): both operands sign-extended to int16 and
+// multiplied with vpmaddwd (pairs of int16 products summed into int32 lanes), exact in int32.
+__attribute__((target("avx2"))) void gemv_avx2_columns(const int8_t* q, int64_t M, int64_t K, const int8_t* w,
+                                                       int64_t N, int32_t* acc, int64_t begin, int64_t end) {
+  const int64_t K16 = K - K % 16;
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* wr = w + n * K;
+    __m256i a[kGemvMaxRows];
+    for (int64_t m = 0; m < M; ++m) a[m] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K16; k += 16) {
+      const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k)));
+      for (int64_t m = 0; m < M; ++m) {
+        const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + m * K + k)));
+        a[m] = _mm256_add_epi32(a[m], _mm256_madd_epi16(xv, wv));
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      int32_t lanes[8];
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), a[m]);
+      int32_t sum = 0;
+      for (int32_t v : lanes) sum += v;
+      for (int64_t k = K16; k < K; ++k) sum += int32_t(q[m * K + k]) * int32_t(wr[k]);
+      acc[m * N + n] = sum;
+    }
+  }
 }
 
 bool has_vnni() {
@@ -188,22 +212,47 @@ bool has_vnni() {
                           __builtin_cpu_supports("avx512vnni");
   return yes;
 }
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
 #else
 bool has_vnni() { return false; }
+bool has_avx2() { return false; }
 #endif
 
-// int8 [M, K] x int8 [N, K]^T -> int32 [M, N], exact: the VNNI GEMV for a few rows, else _int_mm.
+// Which GEMV the fused W8A8 kernel uses at up to kGemvMaxRows rows: "vnni", "avx2" or "" (none:
+// _int_mm for every row count). QUANTKIT_GEMV=0 turns it off; QUANTKIT_GEMV=avx2 picks the AVX2 one
+// on a VNNI CPU too (to test and time it where the other is available).
+const std::string& gemv_kind() {
+  static const std::string kind = [] {
+    const char* v = std::getenv("QUANTKIT_GEMV");
+    const std::string want = v ? v : "";
+    if (want == "0") return std::string();
+    if (has_vnni() && want != "avx2") return std::string("vnni");
+    return has_avx2() ? std::string("avx2") : std::string();
+  }();
+  return kind;
+}
+
+// int8 [M, K] x int8 [N, K]^T -> int32 [M, N], exact: a GEMV for a few rows, else _int_mm.
 at::Tensor int8_matmul(const at::Tensor& q, const at::Tensor& weight) {
   const int64_t M = q.size(0), K = q.size(1), N = weight.size(0);
 #ifdef QK_VNNI
-  // QUANTKIT_GEMV=0 keeps _int_mm for every row count (A/B benchmarks: eval/bench_cpu.py --no-gemv).
-  static const bool enabled = [] {
-    const char* v = std::getenv("QUANTKIT_GEMV");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  if (enabled && M <= kGemvMaxRows && has_vnni() && weight.is_contiguous()) {
+  const std::string& kind = gemv_kind();
+  if (M <= kGemvMaxRows && !kind.empty() && weight.is_contiguous()) {
     at::Tensor acc = at::empty({M, N}, q.options().dtype(at::kInt));
-    gemv_vnni(q.data_ptr<int8_t>(), M, K, weight.data_ptr<int8_t>(), N, acc.data_ptr<int32_t>());
+    const int8_t* qp = q.data_ptr<int8_t>();
+    const int8_t* wp = weight.data_ptr<int8_t>();
+    int32_t* ap = acc.data_ptr<int32_t>();
+    const bool vnni = kind == "vnni";
+    at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+      if (vnni) {
+        gemv_vnni_columns(qp, M, K, wp, N, ap, begin, end);
+      } else {
+        gemv_avx2_columns(qp, M, K, wp, N, ap, begin, end);
+      }
+    });
     return acc;
   }
 #endif

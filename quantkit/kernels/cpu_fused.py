@@ -18,11 +18,13 @@ What the extension (C++ source: ``cpu_fused.cpp`` next to this file) does, bit-e
   The arithmetic is the reference's, in the same order: fp32 division by the scale, round half to
   even, clamp to [-127, 127]; ``acc * x_scale * w_scale + bias`` without fused multiply-add
   (``-ffp-contract=off``), so the outputs are equal, not just close.
-  At up to 4 rows (decode) on a CPU with AVX512-VNNI, a GEMV in the extension replaces ``_int_mm``:
-  it streams each int8 weight row once against every activation row with ``vpdpbusd``, exact in
-  int32, so its outputs are the same bit for bit; ``_int_mm`` spends more on setup than on the
-  multiply at one row (576x576: 34 us vs 13 us for the whole fused call, measured on the 2-core
-  Xeon). ``QUANTKIT_GEMV=0`` turns it off (for A/B benchmarks).
+  At up to 4 rows (decode), a GEMV in the extension replaces ``_int_mm``: it streams each int8
+  weight row once against every activation row, with ``vpdpbusd`` on AVX512-VNNI, or with both
+  operands widened to int16 and ``vpmaddwd`` on AVX2-only CPUs; exact in int32 either way, so the
+  outputs are the same bit for bit. ``_int_mm`` spends more on setup than on the multiply at one
+  row (576x576: 34 us vs 13 us for the whole fused call with the VNNI GEMV, measured on the 2-core
+  Xeon). ``gemv_kind()`` says which runs; ``QUANTKIT_GEMV=0`` turns it off and ``QUANTKIT_GEMV=avx2``
+  picks the AVX2 one on a VNNI CPU too (A/B benchmarks and tests).
 - ``w8a16_packed``: ``at::_weight_int8pack_mm`` (int8 weights converted in registers) plus the
   bias, with the scale cast and alignment checks in C++ rather than Python.
 - ``w8a16_dequant``: for many rows, one pass writes the dequantized weight in the activation dtype
@@ -77,7 +79,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # The C++ source (shipped as package data) and the functions it exports to Python.
 _SOURCE_FILE = "cpu_fused.cpp"
-_FUNCTIONS = ["w8a8_linear", "w8a16_packed", "w8a16_dequant", "has_vnni"]
+_FUNCTIONS = ["w8a8_linear", "w8a16_packed", "w8a16_dequant", "gemv_kind"]
 
 _lock = threading.Lock()
 _module: ModuleType | None = None

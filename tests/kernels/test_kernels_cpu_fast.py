@@ -220,12 +220,32 @@ def test_peak_memory_in_a_fresh_process(tmp_path):
 @pytest.mark.parametrize("k", [1, 7, 63, 64, 65, 576, 1537])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
 def test_fused_w8a8_decode_gemv_is_exact(fused, m, k):
-    """At <= 4 rows the int8 product comes from the VNNI GEMV where the CPU has it (else _int_mm):
-    exact either way, for K not a multiple of the 64-byte vector, and past the GEMV's row limit."""
+    """At <= 4 rows the int8 product comes from a GEMV (VNNI or AVX2; QUANTKIT_GEMV=avx2 in CI runs the
+    AVX2 one too), else _int_mm: exact either way, for K not a multiple of a vector, past the row limit."""
     for n in (1, 5, 130):
         x, w, ws, b, smooth = _operands(m, k, n, torch.bfloat16)
         x[0, 0] = -x[0].abs().max() * 2  # a row whose quantized values include -127 (the u8 shift's edge)
         for bias, smooth_inv, input_scale in _w8a8_variants(x, b, smooth):
             ref = reference.w8a8_linear(x, w, ws, bias, smooth_inv, input_scale)
             assert torch.equal(fused.w8a8_linear(x, w, ws, bias, smooth_inv, input_scale), ref), (n, bias is not None)
-    assert isinstance(fused.module().has_vnni(), bool)
+    assert fused.module().gemv_kind() in ("vnni", "avx2", "")
+
+
+def test_avx2_gemv_is_exact_too():
+    """The AVX2 GEMV, forced in a fresh process (the choice is read once), gives the reference's outputs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from quantkit.kernels import cpu_fused, reference; "
+        "from quantkit.qmath import quantize_weight_per_channel as q; torch.manual_seed(0)\n"
+        "mod = cpu_fused.module()\n"
+        "if mod is None: print('none'); raise SystemExit\n"
+        "for m, k, n in ((1, 576, 192), (4, 65, 33), (3, 1537, 7), (2, 15, 5)):\n"
+        "    x = torch.randn(m, k).bfloat16(); w, s = q(torch.randn(n, k))\n"
+        "    assert torch.equal(cpu_fused.w8a8_linear(x, w, s), reference.w8a8_linear(x, w, s)), (m, k, n)\n"
+        "print(mod.gemv_kind())"
+    )
+    env = {**__import__("os").environ, "QUANTKIT_GEMV": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] in ("avx2", "none", "")  # "" where the CPU has no AVX2
