@@ -209,6 +209,14 @@ def bench_model(model: str, checkpoints: dict[str, Path], rounds: int, prefill_t
     return out
 
 
+def _gemv_kind() -> str | None:
+    """The GEMV the fused W8A8 kernel uses at a few rows ("vnni", "avx2", "" for none), None without the extension."""
+    from quantkit.kernels import cpu_fused
+
+    mod = cpu_fused.module()
+    return None if mod is None else mod.gemv_kind()
+
+
 def cpu_features() -> dict[str, Any]:
     """What torch dispatches to on this CPU, and the instruction sets the int8 and bf16 kernels use."""
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
@@ -293,9 +301,20 @@ def main(argv: list[str] | None = None) -> int:
         "environment": evaluate.environment(),
         "cpu": cpu_features(),
         "backends": kernels.backends(),
+        # ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY cap the instruction sets torch uses (e.g. AVX2 to stand in
+        # for a CPU without AVX512-VNNI); the fused kernels' GEMV is chosen by QUANTKIT_GEMV / the CPU.
         "env": {
-            k: os.environ.get(k) for k in ("QUANTKIT_COMPILE", "QUANTKIT_KERNELS", "QUANTKIT_GEMV", "OMP_NUM_THREADS")
+            k: os.environ.get(k)
+            for k in (
+                "QUANTKIT_COMPILE",
+                "QUANTKIT_KERNELS",
+                "QUANTKIT_GEMV",
+                "OMP_NUM_THREADS",
+                "ONEDNN_MAX_CPU_ISA",
+                "ATEN_CPU_CAPABILITY",
+            )
         },
+        "gemv": _gemv_kind(),
     }
     t0 = time.time()
     if not args.skip_model:
