@@ -299,3 +299,16 @@ def test_bench_acceptance_is_judged_only_on_cuda(bench):
         ("w8a8", "weight_bytes"): False,  # 0.56 > 0.55
     }
     assert all(a["passed"] is None for a in bench.acceptance(results, torch.device("cpu")))
+
+
+def test_profile_cpu_decode_smoke(tmp_path, capsys):
+    """eval/profile_cpu_decode.py runs on a quantized checkpoint and splits the step into its parts."""
+    spec = importlib.util.spec_from_file_location("profile_cpu_decode", BENCH.parent / "profile_cpu_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = _tiny("llama", "w8a8")
+    quantkit.save(model, tmp_path / "ck")
+    assert module.main([str(tmp_path / "ck"), "--prompt-tokens", "4", "--tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    linear = float(out.split("quantized linears")[1].split(":")[1].split("ms")[0])
+    assert "ms/token" in out and linear > 0  # the fused calls are counted, though the profiler cannot see into them
