@@ -209,31 +209,6 @@ def bench_model(model: str, checkpoints: dict[str, Path], rounds: int, prefill_t
     return out
 
 
-def _gemv_kind() -> str | None:
-    """The GEMV the fused W8A8 kernel uses at a few rows ("vnni", "avx2", "" for none), None without the extension."""
-    from quantkit.kernels import cpu_fused
-
-    mod = cpu_fused.module()
-    return None if mod is None else mod.gemv_kind()
-
-
-def cpu_features() -> dict[str, Any]:
-    """What torch dispatches to on this CPU, and the instruction sets the int8 and bf16 kernels use."""
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    return {
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "flags": [f for f in wanted if f in flags],
-        "cores": os.cpu_count(),
-    }
-
-
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -295,11 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
 
+    kernels.cpu_fused.module()  # built now, so that the results record which int8 GEMV it uses
     results: dict[str, Any] = {
         "schema": "quantkit.bench_cpu/1",
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "environment": evaluate.environment(),
-        "cpu": cpu_features(),
+        "cpu": evaluate.cpu_features(),
         "backends": kernels.backends(),
         # ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY cap the instruction sets torch uses (e.g. AVX2 to stand in
         # for a CPU without AVX512-VNNI); the fused kernels' GEMV is chosen by QUANTKIT_GEMV / the CPU.
@@ -314,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
                 "ATEN_CPU_CAPABILITY",
             )
         },
-        "gemv": _gemv_kind(),
     }
     t0 = time.time()
     if not args.skip_model:

@@ -407,10 +407,36 @@ def environment() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu": _cpu_name(),
         "threads": torch.get_num_threads(),
+        "cpu_features": cpu_features(),
     }
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     return env
+
+
+# The CPU features the int8 and bf16 kernels depend on (what /proc/cpuinfo calls them).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "asimd")
+
+
+def cpu_features() -> dict[str, Any]:
+    """What the CPU offers the kernels: its flags among :data:`CPU_FLAGS`, the instruction set torch
+    dispatches to, and the int8 GEMV quantkit's fused W8A8 kernel uses at a few rows (None when the
+    extension is not loaded in this process)."""
+    from ..kernels import cpu_fused
+
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {
+        "flags": [f for f in CPU_FLAGS if f in flags],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "int8_gemv": cpu_fused.gemv_kind(),
+    }
 
 
 def _cpu_name() -> str:

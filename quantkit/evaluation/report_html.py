@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats.output_dir import write_text_atomic
-from .report_md import MIB, SPEED_COLUMNS, embedding_notes, format_notes, table_rows, table_text
+from .report_md import MIB, SPEED_COLUMNS, embedding_notes, features_text, format_notes, table_rows, table_text
 from .svg import FLOAT_COLOR, PALETTE, bar_plot, esc, line_plot, scatter_plot
 
 
@@ -226,7 +226,8 @@ def _provenance(results: dict[str, Any]) -> str:
     proto = results.get("protocol", {})
     gpu = f", {env['gpu']}" if env.get("gpu") else ""
     items = [
-        ("machine", esc(f"{env.get('cpu', '?')} ({env.get('threads', '?')} threads, {env.get('machine', '?')}){gpu}")),
+        ("machine", esc(f"{env.get('cpu', '?')} ({env.get('threads', '?')} threads, {env.get('machine', '?')}"
+                        f"{features_text(env)}){gpu}")),
         ("versions", esc(f"quantkit {env.get('quantkit', '?')}, torch {env.get('torch', '?')}, "
                         f"transformers {env.get('transformers', '?')}, Python {env.get('python', '?')}")),
         ("command", f"<code>{esc(results.get('command', '?'))}</code>"),

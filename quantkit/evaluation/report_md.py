@@ -68,6 +68,13 @@ def embedding_notes(rows: list[dict[str, Any]]) -> list[str]:
     return [f"Quantized variants ({', '.join(names)}): {desc}." for desc, names in how.items()]
 
 
+def features_text(env: dict[str, Any]) -> str:
+    """``, avx2 avx512f ..., int8 GEMV vnni`` from the environment's CPU features (results since they were recorded)."""
+    f = env.get("cpu_features") or {}
+    gemv = f.get("int8_gemv")
+    return (", " + " ".join(f["flags"]) if f.get("flags") else "") + (f", int8 GEMV {gemv}" if gemv else "")
+
+
 def format_notes(rows: list[dict[str, Any]]) -> list[str]:
     """One sentence per row measured in another format than quantkit's (a compressed-tensors export):
     how it was loaded and what that means for its figures."""
@@ -179,7 +186,8 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
         notes = embedding_notes(rows) + format_notes(rows)
         lines += ["", *notes, *([""] if notes else [])]
         lines += [
-            f"Machine: {env.get('cpu')} ({env.get('threads')} threads){', ' + env['gpu'] if 'gpu' in env else ''}; "
+            f"Machine: {env.get('cpu')} ({env.get('threads')} threads{features_text(env)})"
+            f"{', ' + env['gpu'] if 'gpu' in env else ''}; "
             f"torch {env['torch']}, transformers {env['transformers']}, quantkit {env['quantkit']}.",
             f"Command: `{results['command']}`",
             "",

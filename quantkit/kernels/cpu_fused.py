@@ -138,6 +138,12 @@ def module() -> ModuleType | None:
     return _module
 
 
+def gemv_kind() -> str | None:
+    """The int8 GEMV the fused W8A8 kernel uses at a few rows: "vnni", "avx2" or "" (none); None when
+    the extension is not loaded in this process (this never builds it)."""
+    return None if _module is None else _module.gemv_kind()
+
+
 def _require() -> ModuleType:
     mod = module()
     if mod is None:

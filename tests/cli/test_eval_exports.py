@@ -41,7 +41,11 @@ def _eval(cks, baseline, out, text, *extra):
 def test_exports_are_measured_beside_quantkits_own_format(checkpoints, tiny_model_dir, eval_text, tmp_path):
     out = tmp_path / "r.json"
     assert _eval(checkpoints.values(), tiny_model_dir, out, eval_text) == 0
-    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    results = json.loads(out.read_text())
+    rows = {r["name"]: r for r in results["rows"]}
+    features = results["environment"]["cpu_features"]  # every figure says what the CPU offered the kernels
+    assert features["torch_cpu_capability"] and isinstance(features["flags"], list)
+    assert features["int8_gemv"] in ("vnni", "avx2", "", None)
     own, ct, ct16 = rows["w8a8"], rows["w8a8-ct"], rows["w8a16-ct"]
     assert "format" not in own
     for r in (ct, ct16):
