@@ -152,3 +152,18 @@ def read_stats(path: str | Path) -> tuple[ActStats, dict[str, str]]:
 def load_stats(path: str | Path) -> ActStats:
     """The statistics of :func:`read_stats`, without the metadata."""
     return read_stats(path)[0]
+
+
+def read_stats_for(file: str | Path, path: str | Path, fingerprint: str | None) -> ActStats:
+    """Statistics from ``quantkit calibrate`` for the model at ``path`` (whose weights' fingerprint is
+    ``fingerprint``), refused if they were recorded on another model."""
+    stats, metadata = read_stats(file)
+    recorded = metadata.get("fingerprint")
+    if not recorded:
+        log.warning("statistics %s do not record the model they came from; cannot check they are this one's", file)
+    elif fingerprint and recorded != fingerprint:
+        raise QuantkitError(
+            f"statistics {file} were recorded on another model ({metadata.get('model', '?')}), not {path}; "
+            "recalibrate with quantkit calibrate"
+        )
+    return stats

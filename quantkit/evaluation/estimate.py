@@ -39,14 +39,14 @@ from ..config import (
 from ..core.modules import embeddings_of
 from ..errors import QuantkitError
 from .estimate_model import (
-    _EXPERT_FIELDS,
     DECODE_VARIANTS,
+    EXPERT_FIELDS,
     PARAM_KINDS,
     VARIANTS,
     KVLayer,
-    _dtype_bytes,
     build_skeleton,
     count_parameters,
+    dtype_bytes,
     kv_layers,
     matmul_params,
     quantized_skeleton,
@@ -81,12 +81,12 @@ class Estimate:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes per token of context in every layer (sliding windows not applied)."""
-        return sum(layer.elements_per_token for layer in self.kv_layers) * _dtype_bytes(self.kv_dtype)
+        return sum(layer.elements_per_token for layer in self.kv_layers) * dtype_bytes(self.kv_dtype)
 
     @property
     def kv_bytes_per_sequence(self) -> int:
         """KV-cache bytes of one sequence at :attr:`context` (sliding-window layers hold their window)."""
-        size = _dtype_bytes(self.kv_dtype)
+        size = dtype_bytes(self.kv_dtype)
         return sum(layer.elements_per_token * layer.tokens_held(self.context) for layer in self.kv_layers) * size
 
     @property
@@ -253,7 +253,7 @@ def _notes(text, kv: list[KVLayer], context: int, limit: int | None) -> list[str
             f"{n} of {len(kv)} layers attend within a sliding window of {'/'.join(map(str, windows))} tokens: "
             "they cache and read at most that many"
         )
-    experts = next((getattr(text, f) for f in _EXPERT_FIELDS if (getattr(text, f, None) or 0) > 1), None)
+    experts = next((getattr(text, f) for f in EXPERT_FIELDS if (getattr(text, f, None) or 0) > 1), None)
     if experts:
         notes.append(
             f"mixture of {experts} experts: FLOPs and bytes read count every expert's linear layers, while a token "
@@ -305,7 +305,7 @@ def format_text(e: Estimate) -> str:
     uniform = all(layer.elements_per_token == per_layer.elements_per_token for layer in e.kv_layers)
     formula = (
         f" = {len(e.kv_layers)} layers x 2 x {per_layer.key_heads} KV heads x {per_layer.key_dim} x "
-        f"{_dtype_bytes(e.kv_dtype)} B"
+        f"{dtype_bytes(e.kv_dtype)} B"
         if uniform and per_layer.key_heads == per_layer.value_heads and per_layer.key_dim == per_layer.value_dim
         else ""
     )

@@ -47,7 +47,7 @@ _SIZE_FIELDS = ("hidden_size", "num_hidden_layers")
 # Config fields whose defaults are common in real configs (Gemma 3's text_config): noted when defaulted.
 _NOTED_FIELDS = ("vocab_size", "num_attention_heads")
 # Config fields that say a model routes each token through some of its experts.
-_EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
 _PROBE_TOKENS = 3  # tokens of the meta-device forward that fills the KV cache
 
 
@@ -286,7 +286,7 @@ def kv_layers(model: nn.Module, config) -> tuple[list[KVLayer], str]:
         return [KVLayer(kv_heads, head_dim, kv_heads, head_dim)] * text.num_hidden_layers, how
 
 
-def _dtype_bytes(name: str) -> int:
+def dtype_bytes(name: str) -> int:
     return torch.empty(0, dtype=getattr(torch, name)).element_size()
 
 

@@ -31,7 +31,7 @@ from ..config import (
     FORMATS,
     QuantConfig,
 )
-from ..core.calibration import DEFAULT_CALIBRATION, ActStats, make_samples, read_stats, read_texts
+from ..core.calibration import DEFAULT_CALIBRATION, ActStats, make_samples, read_stats_for, read_texts
 from ..core.probe import choose_alpha, choose_w8a16_layers
 from ..core.record import QuantRecord
 from ..core.sequential import Emit, collect_stats_layerwise, quantize_layerwise
@@ -40,6 +40,7 @@ from ..errors import QuantkitError
 from ..formats import compressed_tensors, native, served
 from ..formats.compressed_tensors import check_exportable
 from ..formats.float_models import check_weights_present, load_float, load_skeleton, native_dtype, resolve
+from ..formats.inspect import CheckpointInfo
 from ..formats.native import load, read_record
 from ..formats.output_dir import atomic_output_dir, check_destination, check_output_dir
 from ..formats.safetensors_io import CheckpointReader
@@ -146,7 +147,7 @@ def quantize_to_disk(
         check_destination(out, source=path, needed_bytes=estimated_output_bytes(reader))
         source_fingerprint = reader.fingerprint()
         if isinstance(stats, (str, Path)):
-            stats = _stats_for(stats, path, source_fingerprint)
+            stats = read_stats_for(stats, path, source_fingerprint)
         samples = None
         if (config.needs_calibration or config.max_drift is not None) and stats is None:
             samples = make_samples(tokenizer, read_texts(calibration or DEFAULT_CALIBRATION), n_samples, seq_len)
@@ -233,20 +234,6 @@ def _finite(read):
     return checked
 
 
-def _stats_for(file: str | Path, path: Path, fingerprint: str) -> ActStats:
-    """Statistics from ``quantkit calibrate``, refused if they were recorded on another model."""
-    stats, metadata = read_stats(file)
-    recorded = metadata.get("fingerprint")
-    if not recorded:
-        log.warning("statistics %s do not record the model they came from; cannot check they are this one's", file)
-    elif recorded != fingerprint:
-        raise QuantkitError(
-            f"statistics {file} were recorded on another model ({metadata.get('model', '?')}), not {path}; "
-            "recalibrate with quantkit calibrate"
-        )
-    return stats
-
-
 def _trimming(emit: Emit) -> Emit:
     """``emit``, then hand the heap memory freed by the previous layer back to the OS: without it
     glibc keeps freed blocks of a layer's size for reuse, and resident memory creeps up layer by layer."""
@@ -290,9 +277,10 @@ def evaluate_all(
     # (what vLLM serves) are checked from their headers and loaded with transformers' own loader.
     exports = {name for name, path in checkpoints.items() if served.is_export(path)}
     records: dict[str, QuantRecord | None] = {}
+    export_infos = {}
     for name, path in checkpoints.items():
         if name in exports:
-            records[name] = served.check_export(path)
+            records[name], export_infos[name] = served.check_export(path)
         else:
             records[name] = read_record(path)
             raise_problems(path, native.checkpoint_problems(path))
@@ -340,7 +328,7 @@ def evaluate_all(
             "path": str(path),
         }
         if name in exports:
-            rows.append(_evaluate_export(row, path, batch, ppl_dtype, device, progress))
+            rows.append(_evaluate_export(row, path, export_infos[name], batch, ppl_dtype, device, progress))
             continue
         model = load(path, dtype=getattr(torch, ppl_dtype), device=device)
         row["perplexity"] = _finite_perplexity(model, batch, name, progress)
@@ -382,7 +370,13 @@ def evaluate_all(
 
 
 def _evaluate_export(
-    row: dict[str, Any], path: Path, batch: torch.Tensor, ppl_dtype: str, device: torch.device, progress: bool
+    row: dict[str, Any],
+    path: Path,
+    info: CheckpointInfo,
+    batch: torch.Tensor,
+    ppl_dtype: str,
+    device: torch.device,
+    progress: bool,
 ) -> dict[str, Any]:
     """A compressed-tensors export's row: perplexity through transformers' loader, bytes from its files.
 
@@ -405,7 +399,7 @@ def _evaluate_export(
         "W8A16 arithmetic exactly)",
     )
     row["perplexity"] = _finite_perplexity(model, batch, row["name"], progress)
-    row["weight_bytes"] = served.export_bytes(path)
+    row["weight_bytes"] = served.export_bytes(info)
     row["checkpoint_bytes"] = measure.dir_bytes(path)
     del model
     gc.collect()

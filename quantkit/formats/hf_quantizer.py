@@ -43,7 +43,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._version import transformers_supported
 from ..config import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, QuantConfig
-from ..core.calibration import DEFAULT_CALIBRATION, read_stats, read_texts
+from ..core.calibration import DEFAULT_CALIBRATION, ActStats, read_stats_for, read_texts
 from ..core.modules import QUANT_MODULES, Int8Embedding
 from ..core.quantize import select_targets
 from ..core.record import QUANT_METHOD, QuantRecord
@@ -158,7 +158,10 @@ class QuantkitHfQuantizer(HfQuantizer):
             raise QuantkitError(
                 "to quantize a float model while loading it, pass quantization_config=quantkit.QuantkitConfig(...)"
             )
-        self._float_folder: Path | None = None
+        # Quantizing on load: what the checks before weight loading found, used after it.
+        self._fingerprint: str | None = None  # of the float model's weights
+        self._stats: ActStats | None = None  # from stats=
+        self._tokenizer_for_calibration = None  # W8A8 without stats=
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
         if not self.pre_quantized:
@@ -184,13 +187,13 @@ class QuantkitHfQuantizer(HfQuantizer):
         folder = files[0].parent if files else None
         if folder is not None:
             refuse_remote_code(folder)
-        self._float_folder = folder
         targets = select_targets(model, request.config)
         if not targets:
             raise QuantkitError(f"no linear layer of this {model.config.model_type} model matches the config")
+        self._fingerprint = _fingerprint(folder)
         if request.config.needs_calibration:
             if request.stats is not None:
-                stats, _ = read_stats(request.stats)
+                stats = self._stats = read_stats_for(request.stats, folder or "this model", self._fingerprint)
                 missing = [n for n in targets if n not in stats]
                 if missing:
                     raise QuantkitError(
@@ -198,7 +201,7 @@ class QuantkitHfQuantizer(HfQuantizer):
                         "they were made on another model; recalibrate with quantkit calibrate"
                     )
             else:
-                self._tokenizer(folder)  # refused now if the folder has none
+                self._tokenizer_for_calibration = self._tokenizer(folder)  # refused now if the folder has none
                 read_texts(request.calibration or DEFAULT_CALIBRATION)  # and an unreadable text
         return model
 
@@ -223,30 +226,20 @@ class QuantkitHfQuantizer(HfQuantizer):
 
         request: QuantkitConfig = self.quantization_config
         model.config.quantization_config = None  # quantize() refuses models that already carry one
-        stats = None
-        if request.config.needs_calibration:
-            if request.stats is not None:
-                stats, metadata = read_stats(request.stats)
-                fingerprint = _fingerprint(self._float_folder)
-                if metadata.get("fingerprint") and fingerprint and metadata["fingerprint"] != fingerprint:
-                    raise QuantkitError(
-                        f"statistics {request.stats} were recorded on another model ({metadata.get('model', '?')}); "
-                        "recalibrate with quantkit calibrate"
-                    )
-            else:
-                stats = calibrate(
-                    model,
-                    self._tokenizer(self._float_folder),
-                    request.calibration,
-                    request.config,
-                    n_samples=request.samples,
-                    seq_len=request.seq_len,
-                )
+        stats = self._stats  # read and checked before the weights loaded
+        if request.config.needs_calibration and stats is None:
+            stats = calibrate(
+                model,
+                self._tokenizer_for_calibration,
+                request.calibration,
+                request.config,
+                n_samples=request.samples,
+                seq_len=request.seq_len,
+            )
         quantize(model, request.config, stats)
         block = dict(model.config.quantization_config)
-        fingerprint = _fingerprint(self._float_folder)
-        if fingerprint:
-            block["source_fingerprint"] = fingerprint
+        if self._fingerprint:
+            block["source_fingerprint"] = self._fingerprint
         self.quantization_config = QuantkitHfConfig(**block)
         model.config.quantization_config = self.quantization_config
         self.pre_quantized = True  # from here on it is a quantkit checkpoint, saved as one

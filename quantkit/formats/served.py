@@ -18,7 +18,7 @@ from ..core.record import QuantRecord
 from ..errors import QuantkitError
 from .compressed_tensors import PROVENANCE_NAME
 from .float_models import refuse_remote_code
-from .inspect import inspect
+from .inspect import CheckpointInfo, inspect
 
 # How transformers runs an int-quantized (W8A8) export: it decompresses the weights to float and
 # simulates the int8 activations in float with compressed-tensors' own rounding (per-token scale
@@ -39,10 +39,10 @@ def is_export(path: str | Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
 
-def check_export(path: str | Path) -> QuantRecord | None:
+def check_export(path: str | Path) -> tuple[QuantRecord | None, CheckpointInfo]:
     """Refuse, in one line, an export that transformers cannot load or whose tensors do not match its
     config (checked from the headers, before any weight is read). Returns the quantkit record it was
-    made with (from ``quantkit_export.json``), or None if another tool wrote it."""
+    made with (from ``quantkit_export.json``; None if another tool wrote it) and what inspect read."""
     path = Path(path)
     if importlib.util.find_spec("compressed_tensors") is None:
         raise QuantkitError(
@@ -58,17 +58,18 @@ def check_export(path: str | Path) -> QuantRecord | None:
         )
     provenance = path / PROVENANCE_NAME
     if not provenance.is_file():
-        return None
+        return None, info
     try:
-        return QuantRecord.from_dict(json.loads(provenance.read_text())["quantkit_config"])
+        return QuantRecord.from_dict(json.loads(provenance.read_text())["quantkit_config"]), info
     except (ValueError, KeyError, TypeError):
         raise QuantkitError(f"{provenance} is damaged; re-export the checkpoint, or delete the file") from None
 
 
-def export_bytes(path: str | Path) -> dict[str, int]:
-    """Weight bytes of an export as :func:`quantkit.evaluation.measure.weight_bytes` counts a loaded
-    model's, from the files (transformers holds the weights decompressed to float)."""
-    b = inspect(path).bytes
+def export_bytes(info: CheckpointInfo) -> dict[str, int]:
+    """Weight bytes of an export (``info`` from :func:`check_export`) as
+    :func:`quantkit.evaluation.measure.weight_bytes` counts a loaded model's, from the files
+    (transformers holds the weights decompressed to float)."""
+    b = info.bytes
     linear = b["quantized_weights"] + b["scales"]
     return {"total": linear + b["float_tensors"], "linear": linear, "quantized_linear": linear}
 
