@@ -22,8 +22,8 @@ What the extension (C++ source: ``cpu_fused.cpp`` next to this file) does, bit-e
   weight row once against every activation row, with ``vpdpbusd`` on AVX512-VNNI, or with both
   operands widened to int16 and ``vpmaddwd`` on AVX2-only CPUs; exact in int32 either way, so the
   outputs are the same bit for bit. ``_int_mm`` spends more on setup than on the multiply at one
-  row (576x576: 34 us vs 13 us for the whole fused call with the VNNI GEMV, measured on the 2-core
-  Xeon). ``gemv_kind()`` says which runs; ``QUANTKIT_GEMV=0`` turns it off and ``QUANTKIT_GEMV=avx2``
+  row (576x576 at M = 1, weights from memory: 90 us with ``_int_mm``, 64 us with the VNNI GEMV, in
+  the two A/B runs of ``eval/bench_cpu.py`` the README quotes). ``gemv_kind()`` says which runs; ``QUANTKIT_GEMV=0`` turns it off and ``QUANTKIT_GEMV=avx2``
   picks the AVX2 one on a VNNI CPU too (A/B benchmarks and tests).
 - ``w8a16_packed``: ``at::_weight_int8pack_mm`` (int8 weights converted in registers) plus the
   bias, with the scale cast and alignment checks in C++ rather than Python.
