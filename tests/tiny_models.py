@@ -61,3 +61,30 @@ def make_tiny(name: str, seed: int = 0) -> torch.nn.Module:
             if "norm" in n or "ln" in n:
                 p.copy_(p + 0.5 * torch.rand_like(p) + (0.5 if p.ndim == 1 and "bias" not in n else 0))
     return model
+
+
+def make_lively(name: str, scheme: str | None = None, seed: int = 0) -> torch.nn.Module:
+    """A tiny model whose greedy tokens vary along the sequence, optionally quantized (``scheme``).
+
+    Weights are redrawn as N(0, 1/fan_in): with transformers' N(0, 0.02) init a tiny model repeats
+    one token forever, which would hide a position bug in a decoder. W8A8 is calibrated on random ids.
+    """
+    import quantkit
+    from quantkit.core.calibration import collect_stats
+    from quantkit.core.modules import QUANT_MODULES
+
+    model = make_tiny(name, seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    if scheme is not None:
+        stats = None
+        if scheme == "w8a8":
+            samples = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
+            targets = quantkit.select_targets(model, quantkit.QuantConfig())
+            stats = collect_stats(model, samples, targets, progress=False)
+        quantkit.quantize(model, quantkit.QuantConfig(scheme=scheme), stats, progress=False)
+        assert any(isinstance(m, QUANT_MODULES[scheme]) for m in model.modules())
+    return model

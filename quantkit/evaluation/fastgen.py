@@ -31,8 +31,11 @@ Constraints the decode step obeys (they are what make it capturable):
   Python-side length counter, which a captured graph would freeze; models with such layers (e.g.
   Mistral's default config, Gemma 2/3) decode eagerly, with a warning.
 
-On CPU (or with ``cuda_graph=False``) the same step runs eagerly; the CPU tests exercise exactly
-the code that is captured on CUDA.
+On CPU the decoder records the same step once and replays it from C++ per token (a *CPU graph*,
+:mod:`quantkit.evaluation.cpu_graph`): the same ops with the same arguments, without Python between
+them, so the tokens are those of the eager step, bit for bit. Where the C++ extension cannot be
+built, or with ``cpu_graph=False``, the step runs eagerly; the CPU tests exercise the code that is
+captured on CUDA either way.
 
 Positions are passed as ``position_ids`` (transformers 5.x tracks the cache write position inside
 ``StaticCache``); models whose ``forward`` still takes ``cache_position`` (transformers 4.x) also get
@@ -53,11 +56,15 @@ from torch import nn
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
+from . import cpu_graph as cpu_graph_mod
+
 log = logging.getLogger(__name__)
 
 # Eager decode steps run before capture: the first one autotunes/compiles, the rest make sure
 # nothing lazy is left (allocator pools, cuBLAS handles) when capture starts.
 WARMUP_STEPS = 3
+# A CPU graph is recorded on a throw-away sequence: one prompt token, then two recorded steps.
+CPU_CAPTURE_LEN = 4
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -82,6 +89,10 @@ class StaticDecoder:
         cuda_graph: capture the decode step into a CUDA graph. Default: when the model is on CUDA
             and its cache layers allow it (see the module docstring). ``True`` on a model that cannot
             use graphs raises ``ValueError``.
+        cpu_graph: record the decode step and replay it from C++ (:mod:`~quantkit.evaluation.cpu_graph`).
+            Default: when the model is on the CPU, its cache layers allow it and the C++ extension is
+            available; a step that cannot be recorded faithfully then decodes eagerly, with a warning.
+            ``True`` raises instead of falling back.
 
     A decoder is reusable: each :meth:`prefill` starts a new sequence in the same buffers, so the
     graph is captured once (on the first prefill) and replayed for every later sequence.
@@ -91,7 +102,15 @@ class StaticDecoder:
         >>> tokens = decoder.generate(prompt, max_new_tokens=64)   # [1, prompt_len + 64]
     """
 
-    def __init__(self, model: nn.Module, max_len: int, batch_size: int = 1, *, cuda_graph: bool | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        max_len: int,
+        batch_size: int = 1,
+        *,
+        cuda_graph: bool | None = None,
+        cpu_graph: bool | None = None,
+    ):
         if max_len < 2:
             raise ValueError(f"max_len must be at least 2 (one prompt token and one new token), got {max_len}")
         if batch_size < 1:
@@ -114,6 +133,9 @@ class StaticDecoder:
 
         self._use_graph = self._want_graph(cuda_graph)
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._cpu_graph_requested = cpu_graph
+        self._use_cpu_graph = self._want_cpu_graph(cpu_graph)
+        self._cpu_graph: cpu_graph_mod.CpuGraph | None = None
 
     def _want_graph(self, requested: bool | None) -> bool:
         on_cuda = self.device.type == "cuda"
@@ -136,9 +158,39 @@ class StaticDecoder:
             raise ValueError(f"cuda_graph=True needs max_len >= {WARMUP_STEPS + 2} for the warm-up steps")
         return requested
 
+    def _want_cpu_graph(self, requested: bool | None) -> bool:
+        if requested is False or (requested is None and self.device.type != "cpu"):
+            return False
+        if self.device.type != "cpu":
+            raise ValueError(f"cpu_graph=True needs a model on the CPU, not {self.device}")
+        if self.max_len < CPU_CAPTURE_LEN:
+            if requested:
+                raise ValueError(f"cpu_graph=True needs max_len >= {CPU_CAPTURE_LEN} for the two recorded steps")
+            return False
+        if not cache_supports_graphs(self.cache):
+            if requested:
+                raise ValueError("cpu_graph=True needs full-attention cache layers only (no sliding-window layers)")
+            log.info("%s has sliding-window cache layers: decoding eagerly", type(self.model).__name__)
+            return False
+        if not cpu_graph_mod.available():
+            if requested:
+                raise RuntimeError("cpu_graph=True needs quantkit's C++ extension, which is disabled or failed to build")
+            return False  # cpu_fused has warned why
+        return True
+
     @property
     def uses_cuda_graph(self) -> bool:
         return self._use_graph
+
+    @property
+    def uses_cpu_graph(self) -> bool:
+        """Whether decode steps replay a recorded CPU graph (known for sure after the first prefill)."""
+        return self._use_cpu_graph
+
+    @property
+    def capture_seconds(self) -> float | None:
+        """Seconds the CPU graph took to record and build (None before it is captured, or without one)."""
+        return None if self._cpu_graph is None else self._cpu_graph.capture_seconds
 
     # ------------------------------------------------------------------------------------------
 
@@ -176,6 +228,8 @@ class StaticDecoder:
             raise ValueError(f"a prompt of {n} tokens does not fit max_len={self.max_len} with room for one new token")
         if self._use_graph and self._graph is None:
             self._capture()
+        if self._use_cpu_graph and self._cpu_graph is None:
+            self._capture_cpu()
         if reset:
             self.cache.reset()
         input_ids = input_ids.to(self.device)
@@ -199,7 +253,7 @@ class StaticDecoder:
 
     @torch.no_grad()
     def decode(self, n_steps: int) -> None:
-        """Generate ``n_steps`` more tokens after :meth:`prefill` (graph replays on CUDA)."""
+        """Generate ``n_steps`` more tokens after :meth:`prefill` (graph replays where captured)."""
         if self._length == 0:
             raise RuntimeError("call prefill() before decode()")
         if self._length + n_steps > self.max_len:
@@ -209,6 +263,9 @@ class StaticDecoder:
         if self._graph is not None:
             for _ in range(n_steps):
                 self._graph.replay()
+        elif self._cpu_graph is not None:
+            for _ in range(n_steps):
+                self._cpu_graph.replay()
         else:
             for _ in range(n_steps):
                 self._step()
@@ -230,13 +287,36 @@ class StaticDecoder:
         self.decode(max_new_tokens - 1)
         return self.tokens()
 
-    def _capture(self) -> None:
-        """Warm up on a throw-away sequence, capture one decode step, leave the cache empty."""
+    def _start_dummy_sequence(self) -> None:
+        """A one-token throw-away sequence in the cache and buffers, ready for a decode step."""
         self.cache.reset()
         dummy = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
         logits = self._forward(dummy, torch.zeros(1, dtype=torch.long, device=self.device), last_logits_only=True)
         self._input_ids.copy_(logits[:, -1].argmax(dim=-1)[:, None])
         self._position.fill_(1)
+
+    def _capture_cpu(self) -> None:
+        """Record the decode step on a throw-away sequence (two real steps), leave the cache empty."""
+        self._start_dummy_sequence()
+        try:
+            self._cpu_graph = cpu_graph_mod.capture(self._step)
+        except cpu_graph_mod.CaptureError as err:
+            if self._cpu_graph_requested:
+                raise
+            log.warning("decoding %s eagerly: its decode step cannot be replayed as a CPU graph (%s)",
+                        type(self.model).__name__, err)
+            self._use_cpu_graph = False
+        finally:
+            self.reset()
+        if self._cpu_graph is not None:
+            log.info(
+                "recorded the decode step of %s as a CPU graph: %d ops, %.2f s",
+                type(self.model).__name__, self._cpu_graph.n_ops, self._cpu_graph.capture_seconds,
+            )
+
+    def _capture(self) -> None:
+        """Warm up on a throw-away sequence, capture one decode step, leave the cache empty."""
+        self._start_dummy_sequence()
         # Warm-up on a side stream, as torch.cuda.graphs recommends: autotuning, compilation and lazy
         # initialization happen here, outside capture.
         stream = torch.cuda.Stream(self.device)
@@ -286,7 +366,8 @@ class Timing:
     seconds: float
     tokens: int
     samples: tuple[float, ...]
-    # "cuda_graph" (decode replayed from a graph), "cuda" (eager launches, CUDA events) or "cpu".
+    # "cuda_graph" / "cpu_graph" (decode replayed from a graph), "cuda" (eager launches, CUDA
+    # events) or "cpu" (eager).
     method: str
 
     @property
@@ -351,7 +432,7 @@ def time_prefill(
     It is the forward :meth:`StaticDecoder.prefill` runs (logits of the last token only, as in
     ``generate``), timed without the cache reset. Median of ``repeats`` runs after a warm-up.
     """
-    decoder = StaticDecoder(model, n_tokens + 1, batch_size, cuda_graph=False)
+    decoder = StaticDecoder(model, n_tokens + 1, batch_size, cuda_graph=False, cpu_graph=False)
     ids = _prompt(model, n_tokens, batch_size, prompt, seed)
     samples = _time_runs(lambda: decoder.prefill(ids, reset=False), decoder.reset, decoder.device, repeats)
     method = "cuda" if decoder.device.type == "cuda" else decoder.device.type
@@ -366,19 +447,24 @@ def time_decode(
     batch_size: int = 1,
     repeats: int = 5,
     cuda_graph: bool | None = None,
+    cpu_graph: bool | None = None,
     prompt: torch.Tensor | None = None,
     seed: int = 0,
 ) -> Timing:
     """Time ``n_new`` greedy decode steps after a ``prompt_len``-token prefill (the prefill is untimed).
 
     Each step feeds one token per row and produces the next, so ``tokens = n_new * batch_size``.
-    On CUDA the steps are CUDA graph replays unless ``cuda_graph=False`` (see :class:`StaticDecoder`).
-    Median of ``repeats`` runs after a warm-up run (which also captures the graph).
+    On CUDA the steps are CUDA graph replays unless ``cuda_graph=False``, on the CPU replays of a
+    recorded CPU graph unless ``cpu_graph=False`` (see :class:`StaticDecoder`). Median of ``repeats``
+    runs after a warm-up run; the graph is captured before it, untimed.
     """
     if n_new < 1:
         raise ValueError(f"n_new must be at least 1, got {n_new}")
-    decoder = StaticDecoder(model, prompt_len + 1 + n_new, batch_size, cuda_graph=cuda_graph)
+    decoder = StaticDecoder(model, prompt_len + 1 + n_new, batch_size, cuda_graph=cuda_graph, cpu_graph=cpu_graph)
     ids = _prompt(model, prompt_len, batch_size, prompt, seed)
     samples = _time_runs(lambda: decoder.decode(n_new), lambda: decoder.prefill(ids), decoder.device, repeats)
-    method = "cuda_graph" if decoder.uses_cuda_graph else ("cuda" if decoder.device.type == "cuda" else "cpu")
+    if decoder.uses_cuda_graph or decoder.uses_cpu_graph:
+        method = "cuda_graph" if decoder.uses_cuda_graph else "cpu_graph"
+    else:
+        method = decoder.device.type
     return Timing(statistics.median(samples), n_new * batch_size, tuple(samples), method)

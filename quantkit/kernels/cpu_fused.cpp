@@ -1,6 +1,8 @@
 // quantkit's fused CPU kernels, compiled on first use by quantkit/kernels/cpu_fused.py (its module
 // docstring explains what each function does, why it is C++, and the build flags).
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -355,4 +357,183 @@ at::Tensor w8a16_dequant(const at::Tensor& x, const at::Tensor& weight, const at
   at::Tensor out = at::empty({B, L, N}, x.options().memory_format(at::MemoryFormat::Contiguous));
   for (int64_t i = 0; i < B; ++i) out.select(0, i).copy_(at::linear(aligned_rows(seqs.select(0, i), K), w, b));
   return out.view(out_sizes(x, N));
+}
+
+namespace {
+
+// Shape-only versions of the ops for the Meta device (torch.compile and fake tensors trace with them).
+at::Tensor linear_meta(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && x.dim() >= 1 && x.size(-1) == weight.size(1), "x [..., K] does not match weight [N, K]");
+  return at::empty(out_sizes(x, weight.size(0)), x.options());
+}
+at::Tensor w8a8_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&, const std::optional<at::Tensor>&,
+                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&) {
+  return linear_meta(x, weight);
+}
+at::Tensor w8a16_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&, const std::optional<at::Tensor>&) {
+  return linear_meta(x, weight);
+}
+
+}  // namespace
+
+// The kernels as dispatcher ops (torch.ops.quantkit.*): the profiler, torch.compile and the decode-step
+// recorder (quantkit/evaluation/cpu_graph.py) see each quantized linear as one op.
+TORCH_LIBRARY(quantkit, m) {
+  m.def("w8a8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None, Tensor? smooth_inv=None, "
+        "Tensor? input_scale=None) -> Tensor");
+  m.def("w8a16_packed(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None) -> Tensor");
+  m.def("w8a16_dequant(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(quantkit, CPU, m) {
+  m.impl("w8a8_linear", &w8a8_linear);
+  m.impl("w8a16_packed", &w8a16_packed);
+  m.impl("w8a16_dequant", &w8a16_dequant);
+}
+TORCH_LIBRARY_IMPL(quantkit, Meta, m) {
+  m.impl("w8a8_linear", &w8a8_meta);
+  m.impl("w8a16_packed", &w8a16_meta);
+  m.impl("w8a16_dequant", &w8a16_meta);
+}
+
+// ---- Replay of a recorded op sequence (the CPU counterpart of a CUDA graph) -----------------------
+// quantkit/evaluation/cpu_graph.py records the ATen (and quantkit) ops one decode step dispatches and
+// hands them here; run() calls the same ops with the same arguments through the dispatcher, with no
+// Python in between. Each argument is a constant (weights, cache tensors, static buffers, numbers), a
+// slot (the output of an earlier op in the sequence), or a list mixing both.
+namespace {
+
+struct ArgSpec {
+  enum Kind { kConst = 0, kRef = 1, kList = 2 };
+  Kind kind = kConst;
+  c10::IValue value;  // kConst
+  int64_t slot = -1;  // kRef: the slot holding the value
+  int64_t index = -1;  // kRef: element of a list-valued slot, or -1 for the slot itself
+  std::vector<ArgSpec> items;  // kList
+  bool optional_items = false;  // kList: Tensor?[] rather than Tensor[]
+};
+
+struct Node {
+  c10::OperatorHandle op;
+  std::vector<ArgSpec> args;
+  std::vector<int64_t> outs;  // slot for each return value, -1 to drop it
+  std::vector<int64_t> release;  // slots last read by this node
+};
+
+ArgSpec parse_arg(const py::handle& spec, const c10::TypePtr& type) {
+  auto t = spec.cast<py::tuple>();
+  ArgSpec a;
+  a.kind = static_cast<ArgSpec::Kind>(t[0].cast<int>());
+  if (a.kind == ArgSpec::kConst) {
+    py::handle obj = t[1];
+    if (type->kind() == c10::TypeKind::TensorType && !THPVariable_Check(obj.ptr())) {
+      // A Python number where the schema has a Tensor (x + 1): what Python's binding passes is a
+      // "wrapped number" tensor, which type promotion treats as a scalar; make the same one.
+      at::Scalar s = py::isinstance<py::bool_>(obj)  ? at::Scalar(obj.cast<bool>())
+                     : py::isinstance<py::int_>(obj) ? at::Scalar(obj.cast<int64_t>())
+                                                     : at::Scalar(obj.cast<double>());
+      at::Tensor wrapped = at::scalar_to_tensor(s);
+      wrapped.unsafeGetTensorImpl()->set_wrapped_number(true);
+      a.value = wrapped;
+    } else {
+      a.value = torch::jit::toIValue(obj, type);
+    }
+  } else if (a.kind == ArgSpec::kRef) {
+    a.slot = t[1].cast<int64_t>();
+    a.index = t[2].cast<int64_t>();
+  } else {
+    auto list_type = type->castRaw<c10::ListType>();
+    TORCH_CHECK(list_type != nullptr, "a list argument where the schema has ", type->str());
+    const c10::TypePtr& elem = list_type->getElementType();
+    a.optional_items = elem->kind() == c10::TypeKind::OptionalType;
+    TORCH_CHECK(a.optional_items || elem->kind() == c10::TypeKind::TensorType,
+                "lists with recorded tensors must be Tensor[] or Tensor?[], not ", type->str());
+    for (const auto& item : t[1].cast<py::list>()) a.items.push_back(parse_arg(item, elem));
+  }
+  return a;
+}
+
+class Replay {
+ public:
+  // nodes: [(name, overload, [arg spec or None for the schema's default], [out slot], [released slot])]
+  Replay(const py::list& nodes, int64_t n_slots) : slots_(n_slots) {
+    for (const auto& item : nodes) {
+      auto t = item.cast<py::tuple>();
+      auto op = c10::Dispatcher::singleton().findSchemaOrThrow(t[0].cast<std::string>().c_str(),
+                                                               t[1].cast<std::string>().c_str());
+      const auto& schema_args = op.schema().arguments();
+      auto specs = t[2].cast<py::list>();
+      TORCH_CHECK(specs.size() == schema_args.size(), op.schema().name(), ": ", specs.size(),
+                  " arguments recorded, the schema has ", schema_args.size());
+      std::vector<ArgSpec> args;
+      for (size_t i = 0; i < schema_args.size(); ++i) {
+        if (specs[i].is_none()) {
+          TORCH_CHECK(schema_args[i].default_value().has_value(), op.schema().name(), ": argument ",
+                      schema_args[i].name(), " was not recorded and has no default");
+          ArgSpec a;
+          a.value = *schema_args[i].default_value();
+          args.push_back(std::move(a));
+        } else {
+          args.push_back(parse_arg(specs[i], schema_args[i].type()));
+        }
+      }
+      nodes_.push_back(Node{op, std::move(args), t[3].cast<std::vector<int64_t>>(), t[4].cast<std::vector<int64_t>>()});
+    }
+  }
+
+  void run() {
+    py::gil_scoped_release no_gil;
+    at::NoGradGuard no_grad;
+    torch::jit::Stack stack;
+    for (const Node& n : nodes_) {
+      stack.clear();
+      for (const ArgSpec& a : n.args) stack.push_back(resolve(a));
+      n.op.callBoxed(stack);
+      for (size_t i = 0; i < n.outs.size(); ++i) {
+        if (n.outs[i] >= 0) slots_[n.outs[i]] = std::move(stack[i]);
+      }
+      for (int64_t s : n.release) slots_[s] = c10::IValue();
+    }
+  }
+
+  int64_t size() const { return static_cast<int64_t>(nodes_.size()); }
+
+ private:
+  c10::IValue resolve(const ArgSpec& a) const {
+    switch (a.kind) {
+      case ArgSpec::kConst:
+        return a.value;
+      case ArgSpec::kRef:
+        return a.index < 0 ? slots_[a.slot] : slots_[a.slot].toListRef()[a.index];
+      case ArgSpec::kList:
+        if (a.optional_items) {
+          c10::List<std::optional<at::Tensor>> list;
+          for (const ArgSpec& item : a.items) {
+            c10::IValue v = resolve(item);
+            list.push_back(v.isNone() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(v.toTensor()));
+          }
+          return list;
+        } else {
+          c10::List<at::Tensor> list;
+          for (const ArgSpec& item : a.items) list.push_back(resolve(item).toTensor());
+          return list;
+        }
+    }
+    return c10::IValue();
+  }
+
+  std::vector<Node> nodes_;
+  std::vector<c10::IValue> slots_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("w8a8_linear", &w8a8_linear, "fused W8A8 linear");
+  m.def("w8a16_packed", &w8a16_packed, "W8A16 through _weight_int8pack_mm");
+  m.def("w8a16_dequant", &w8a16_dequant, "W8A16 by one-pass dequantization and the float GEMM");
+  m.def("gemv_kind", &gemv_kind, "the int8 GEMV used at a few rows: vnni, avx2 or empty");
+  py::class_<Replay>(m, "Replay")
+      .def(py::init<const py::list&, int64_t>())
+      .def("run", &Replay::run)
+      .def("__len__", &Replay::size);
 }

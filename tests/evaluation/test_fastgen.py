@@ -2,10 +2,9 @@
 
 The decoder's contract is token equality with ``model.generate(do_sample=False)``: greedy decoding
 is deterministic, so any error in the cache, the positions or the buffer updates shows up as a
-different token. Weights are redrawn as N(0, 1/fan_in) first: with transformers' N(0, 0.02) init a
-tiny model repeats one token forever, which would hide a position bug (see
-``test_comparison_detects_a_position_error``). On CPU the decode step runs eagerly; the CUDA graph
-tests replay the very same step and skip without a GPU.
+different token. The models are ``make_lively`` ones (see ``test_comparison_detects_a_position_error``).
+On CPU the decode steps are replays of a recorded CPU graph (tests/evaluation/test_cpu_graph.py
+compares them with the eager step); the CUDA graph tests replay the same step and skip without a GPU.
 """
 
 from __future__ import annotations
@@ -18,11 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny
+from tiny_models import make_lively, make_tiny
 
 import quantkit
-from quantkit.core.calibration import collect_stats
-from quantkit.core.modules import QUANT_MODULES
 from quantkit.evaluation.fastgen import StaticDecoder, cache_supports_graphs, generate_greedy, time_decode, time_prefill
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -40,26 +37,8 @@ TINY_BENCH_ARGS = [
 LLAMA3_8B_PARAMS = 8_030_261_248
 
 
-def _lively(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
-    return model
-
-
 def _tiny(arch: str = "llama", scheme: str | None = None) -> torch.nn.Module:
-    model = _lively(make_tiny(arch))
-    if scheme is not None:
-        stats = None
-        if scheme == "w8a8":
-            samples = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(2))
-            targets = quantkit.select_targets(model, quantkit.QuantConfig())
-            stats = collect_stats(model, samples, targets, progress=False)
-        quantkit.quantize(model, quantkit.QuantConfig(scheme=scheme), stats, progress=False)
-        assert any(isinstance(m, QUANT_MODULES[scheme]) for m in model.modules())
-    return model
+    return make_lively(arch, scheme)
 
 
 def _prompt(batch: int = 1, seed: int = 1, length: int = PROMPT_LEN) -> torch.Tensor:
@@ -201,10 +180,18 @@ def test_timing_helpers_time_what_they_claim():
     assert prefill.tokens_per_s == pytest.approx(16 / prefill.seconds)
 
     log.lengths.clear()
-    decode = time_decode(model, 5, prompt_len=4, batch_size=2, repeats=2)
+    decode = time_decode(model, 5, prompt_len=4, batch_size=2, repeats=2, cpu_graph=False)
     assert log.lengths == ([4] + [1] * 5) * 3  # per run: one prefill, then 5 single-token steps
     assert decode.tokens == 10 and len(decode.samples) == 2 and decode.method == "cpu"
     assert 0 < decode.seconds < sleep  # the (slow) prefill is outside the timed region
+
+    # Replayed steps never enter the Python forward: only the capture's throw-away sequence (one
+    # prompt token, two recorded steps) and the three prefills do.
+    log.lengths.clear()
+    decode = time_decode(model, 5, prompt_len=4, batch_size=2, repeats=2)
+    assert log.lengths == [1, 1, 1] + [4] * 3
+    assert decode.tokens == 10 and len(decode.samples) == 2 and decode.method == "cpu_graph"
+    assert 0 < decode.seconds < sleep
     log.handle.remove()
 
 
@@ -263,7 +250,7 @@ def test_bench_cpu_smoke(bench, tmp_path, capsys):
     assert list(report["results"]) == ["bf16", "w8a16", "w8a8"]
     base = report["results"]["bf16"]["weight_bytes"]
     for scheme, r in report["results"].items():
-        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["decode_timing"] == "cpu"
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["decode_timing"] == "cpu_graph"
         assert (r["weight_bytes"] < base) is (scheme != "bf16")
     assert "statistics from 2x16 random tokens" in report["results"]["w8a8"]["how"]
     assert all(a["passed"] is None for a in report["acceptance"])  # CPU figures are never judged
@@ -308,7 +295,9 @@ def test_profile_cpu_decode_smoke(tmp_path, capsys):
     spec.loader.exec_module(module)
     model = _tiny("llama", "w8a8")
     quantkit.save(model, tmp_path / "ck")
-    assert module.main([str(tmp_path / "ck"), "--prompt-tokens", "4", "--tokens", "4"]) == 0
-    out = capsys.readouterr().out
-    linear = float(out.split("quantized linears")[1].split(":")[1].split("ms")[0])
-    assert "ms/token" in out and linear > 0  # the fused calls are counted, though the profiler cannot see into them
+    for flags, how in (([], "CPU graph replay"), (["--eager"], "eager forward")):
+        assert module.main([str(tmp_path / "ck"), "--prompt-tokens", "4", "--tokens", "4", *flags]) == 0
+        out = capsys.readouterr().out
+        linear = float(out.split("quantized linears")[1].split(":")[1].split("ms")[0])
+        # The fused calls are counted both ways: as dispatcher ops in a replay, by module ranges eagerly.
+        assert f"decode ({how}" in out and linear > 0
