@@ -22,9 +22,11 @@ How:
   that differs, and the capture is refused with :class:`CaptureError` naming the op. Ops that hand a
   value back to Python (``.item()``, data-dependent shapes) are refused too: replaying them would
   freeze the value.
-- **Replay.** The sequence, with ops whose results nothing uses removed, goes to ``Replay`` in the
-  C++ extension, which calls each op through the dispatcher with its recorded arguments, drops each
-  intermediate after its last use, and releases the GIL while it runs.
+- **Replay.** The sequence goes to ``Replay`` in the C++ extension, less the ops whose results
+  nothing uses and those that only compute constants (folded into their recorded result: e.g. the
+  ``arange`` behind the attention mask, computed the same way at every step). ``Replay`` calls
+  each op through the dispatcher with its recorded arguments, drops each intermediate after its
+  last use, and releases the GIL while it runs.
 
 Same ops, same arguments, same kernels: a replayed step computes exactly what the eager step does,
 bit for bit (``tests/evaluation/test_cpu_graph.py`` checks greedy tokens against the eager decoder
@@ -60,6 +62,8 @@ class _Node:
     func: torch._ops.OpOverload
     args: list[Any]  # one encoding per schema argument; None where the schema's default applies
     outs: list[int]  # slot per return value (-1: not a tensor slot)
+    values: tuple  # what the op returned when recorded
+    written: list[torch.Tensor]  # tensors the op writes into (in-place and out= arguments)
     reads: list[int] = field(default_factory=list)
 
 
@@ -97,6 +101,12 @@ class _Recorder(TorchDispatchMode):
                 encoded.append(self._encode(kwargs[arg.name]))
             else:
                 encoded.append(None)  # the schema's default, filled in by the C++ side
+        written = [
+            v
+            for i, arg in enumerate(schema.arguments)
+            if arg.alias_info is not None and arg.alias_info.is_write
+            for v in _tensors(args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name))
+        ]
         returns = out if isinstance(out, tuple) else (out,)
         if len(schema.returns) != len(returns):
             raise CaptureError(f"{func} returned {len(returns)} values, its schema says {len(schema.returns)}")
@@ -116,7 +126,7 @@ class _Recorder(TorchDispatchMode):
                 # A number or bool handed back to Python: the forward decides something on the host
                 # from a tensor's value, and a replay would freeze that decision.
                 raise CaptureError(f"{func} returns a {_kind(value)} to Python (a host-side read of a tensor)")
-        self.nodes.append(_Node(func, encoded, outs))
+        self.nodes.append(_Node(func, encoded, outs, returns, written))
         return out
 
     def _new_slot(self, value: Any) -> int:
@@ -126,6 +136,14 @@ class _Recorder(TorchDispatchMode):
             self._slot_of[id(value)] = (slot, -1)
         self._alive.append(value)
         return slot
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
 
 
 def _refs(encoding: Any) -> list[int]:
@@ -180,6 +198,58 @@ def _same_encoding(a: Any, b: Any) -> bool:
     return len(a[1]) == len(b[1]) and all(_same_encoding(x, y) for x, y in zip(a[1], b[1]))
 
 
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _const_tensors(encoding: Any) -> list[torch.Tensor]:
+    if encoding is None or encoding[0] == _REF:
+        return []
+    if encoding[0] == _CONST:
+        return [encoding[1]] if isinstance(encoding[1], torch.Tensor) else []
+    return [t for item in encoding[1] for t in _const_tensors(item)]
+
+
+def _fold(nodes: list[_Node]) -> list[_Node]:
+    """Replace ops whose every input is a constant the step never writes by their recorded result.
+
+    E.g. ``arange(max_len)`` for the mask, ``scalar_tensor(-inf)``, and what is computed from them
+    only: they would compute the same value at every step. Not folded: ops that write (the cache,
+    the buffers), ops whose result something writes into later, ops with a random generator.
+    """
+    written = {_storage(t) for node in nodes for t in node.written}
+    folded: dict[int, Any] = {}  # slot -> recorded value
+
+    def substitute(enc: Any) -> Any:
+        if enc is None or enc[0] == _CONST:
+            return enc
+        if enc[0] == _REF:
+            if enc[1] not in folded:
+                return enc
+            value = folded[enc[1]]
+            return (_CONST, value if enc[2] < 0 else value[enc[2]])
+        return (_LIST, [substitute(item) for item in enc[1]])
+
+    kept = []
+    for node in nodes:
+        node.args = [substitute(enc) for enc in node.args]
+        schema = node.func._schema
+        foldable = (
+            not schema.is_mutable
+            and not any(_refs(enc) for enc in node.args)
+            and not any("Generator" in str(a.type) for a in schema.arguments)
+            and all(_storage(t) not in written for enc in node.args for t in _const_tensors(enc))
+            and all(_storage(t) not in written for v in node.values for t in _tensors(v))
+        )
+        if foldable:
+            for slot, value in zip(node.outs, node.values):
+                if slot >= 0:
+                    folded[slot] = value
+        else:
+            kept.append(node)
+    return kept
+
+
 def _prune(nodes: list[_Node]) -> list[_Node]:
     """Drop ops whose results nothing uses, unless they write into an argument (cache, buffers)."""
     needed: set[int] = set()
@@ -214,11 +284,15 @@ class CpuGraph:
     Built by :func:`capture`; :meth:`replay` runs the step once.
     """
 
-    def __init__(self, replay: Any, n_ops: int, recorded_ops: int, seconds: float) -> None:
+    def __init__(self, replay: Any, ops: list[str], recorded_ops: int, seconds: float) -> None:
         self._replay = replay
-        self.n_ops = n_ops  # ops replayed per step
+        self.ops = ops  # names of the ops replayed per step, in order
         self.recorded_ops = recorded_ops  # ops the eager step dispatched
         self.capture_seconds = seconds
+
+    @property
+    def n_ops(self) -> int:
+        return len(self.ops)
 
     def replay(self) -> None:
         self._replay.run()
@@ -229,7 +303,7 @@ def available() -> bool:
     return cpu_fused.module() is not None
 
 
-def _record(step: Callable[[], None]) -> list[_Node]:
+def _record(step: Callable[[], None]) -> tuple[list[_Node], int]:
     recorder = _Recorder()
     with cpu_fused.through_dispatcher(), recorder:
         step()
@@ -251,8 +325,8 @@ def capture(step: Callable[[], None]) -> CpuGraph:
     first, _ = _record(step)
     second, n_slots = _record(step)
     _compare(first, second)
-    nodes = _prune(second)
+    nodes = _prune(_fold(second))
     replay = ext.Replay(_program(nodes, n_slots), n_slots)
     seconds = time.perf_counter() - t0
     log.debug("CPU graph: %d ops recorded per step, %d replayed, captured in %.2f s", len(second), len(nodes), seconds)
-    return CpuGraph(replay, len(nodes), len(second), seconds)
+    return CpuGraph(replay, [str(n.func) for n in nodes], len(second), seconds)

@@ -67,6 +67,15 @@ WARMUP_STEPS = 3
 CPU_CAPTURE_LEN = 4
 
 
+def greedy_token(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of the last position's logits ``[B, L, V] -> [B]``, first index on ties (as argmax).
+
+    ``max(dim).indices`` rather than ``argmax``: the same index, but PyTorch's CPU argmax over bf16
+    is slow (190 us for the default model's 49,152 logits, measured, vs 50 us): 1% of a decode step.
+    """
+    return torch.max(logits[:, -1], dim=-1).indices
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -234,7 +243,7 @@ class StaticDecoder:
             self.cache.reset()
         input_ids = input_ids.to(self.device)
         logits = self._forward(input_ids, torch.arange(n, device=self.device), last_logits_only=True)
-        next_token = logits[:, -1].argmax(dim=-1)
+        next_token = greedy_token(logits)
         self._tokens[:, :n] = input_ids
         self._tokens[:, n] = next_token
         self._input_ids.copy_(next_token[:, None])
@@ -246,7 +255,7 @@ class StaticDecoder:
         # The body that is captured: feed the last token at its position, write the argmax back.
         # Every tensor it reads or writes is a static buffer or cache tensor (see module docstring).
         logits = self._forward(self._input_ids, self._position, last_logits_only=False)
-        next_token = logits[:, -1].argmax(dim=-1)
+        next_token = greedy_token(logits)
         self._input_ids.copy_(next_token[:, None])
         self._position.add_(1)
         self._tokens.index_copy_(1, self._position, next_token[:, None])
@@ -292,7 +301,7 @@ class StaticDecoder:
         self.cache.reset()
         dummy = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.device)
         logits = self._forward(dummy, torch.zeros(1, dtype=torch.long, device=self.device), last_logits_only=True)
-        self._input_ids.copy_(logits[:, -1].argmax(dim=-1)[:, None])
+        self._input_ids.copy_(greedy_token(logits)[:, None])
         self._position.fill_(1)
 
     def _capture_cpu(self) -> None:

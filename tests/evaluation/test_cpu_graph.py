@@ -158,6 +158,31 @@ def test_a_faithful_step_replays_and_frees_its_intermediates():
     assert buf.tolist() == [4.0, 12.0, 20.0, 28.0] and pos.item() == 3
 
 
+def test_constants_are_folded_unless_something_writes_them():
+    buf = torch.arange(4.0)
+
+    def step():
+        acc = torch.zeros(4)  # a factory op: constant, but written below, so not folded
+        acc.add_(buf)
+        offset = torch.full((4,), 0.5) * 2  # constant and never written: folded
+        buf.copy_(acc * 2 + offset)
+
+    graph = cpu_graph.capture(step)
+    assert buf.tolist() == [3.0, 7.0, 11.0, 15.0]
+    graph.replay()
+    assert buf.tolist() == [7.0, 15.0, 23.0, 31.0]
+    assert "aten.full.default" not in graph.ops and "aten.zeros.default" in graph.ops
+
+
+def test_the_mask_arange_is_folded_in_a_decode_step():
+    decoder = StaticDecoder(make_lively("llama", "w8a8"), 16)
+    decoder.prefill(_prompt())
+    ops = decoder._cpu_graph.ops
+    assert "aten.arange.default" not in ops and "aten.scalar_tensor.default" not in ops
+    assert ops.count("quantkit.w8a8_linear.default") == 7 * 2  # two layers, seven linears each
+    assert decoder._cpu_graph.recorded_ops > len(ops)
+
+
 def test_decoder_falls_back_to_eager_with_a_warning(caplog):
     model = make_lively("llama", "w8a16")
     # A hook that reads a tensor on the host, as dynamic RoPE variants do.
