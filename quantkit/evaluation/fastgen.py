@@ -378,6 +378,8 @@ class Timing:
     # "cuda_graph" / "cpu_graph" (decode replayed from a graph), "cuda" (eager launches, CUDA
     # events) or "cpu" (eager).
     method: str
+    # Seconds the CPU graph took to record and build (once, before the timed runs); None without one.
+    capture_seconds: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -476,4 +478,4 @@ def time_decode(
         method = "cuda_graph" if decoder.uses_cuda_graph else "cpu_graph"
     else:
         method = decoder.device.type
-    return Timing(statistics.median(samples), n_new * batch_size, tuple(samples), method)
+    return Timing(statistics.median(samples), n_new * batch_size, tuple(samples), method, decoder.capture_seconds)

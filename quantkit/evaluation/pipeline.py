@@ -269,8 +269,10 @@ def evaluate_all(
     accepted with a warning): a drift against another model means nothing. A perplexity that is not
     a finite number is an error, never a figure in the results.
 
-    ``device`` (``"auto"``, ``"cpu"``, ``"cuda:0"``, ...) runs everything there; on CUDA speed is
-    measured with static-cache CUDA-graph decoding (:func:`quantkit.evaluation.measure.speed_cuda`).
+    ``device`` (``"auto"``, ``"cpu"``, ``"cuda:0"``, ...) runs everything there. Speed is measured
+    as quantkit serves a model: static-cache decoding with each step a CUDA-graph replay on a GPU,
+    a CPU-graph replay on the CPU (:func:`quantkit.evaluation.measure.speed_static`), the float
+    baselines the same way.
     """
     device = resolve_device(device)
     # What loading would refuse, refused before the baseline's slow work. compressed-tensors exports
@@ -312,7 +314,7 @@ def evaluate_all(
         row["weight_bytes"] = measure.weight_bytes(model)
         row["checkpoint_bytes"] = measure.dir_bytes(base_path)
         if measure_speed and dtype_name in speed_dtypes:
-            row["speed"] = _speed(model, ids, device)
+            row["speed"] = measure.speed_static(model, ids)
             _add_peak_memory(row["speed"], base_path, "float", dtype_name, ids, device)
         rows.append(row)
         del model
@@ -337,7 +339,7 @@ def evaluate_all(
                 del model
                 model = load(path, dtype=getattr(torch, speed_dtypes[0]), device=device)
             row["speed_dtype"] = speed_dtypes[0]
-            row["speed"] = _speed(model, ids, device)
+            row["speed"] = measure.speed_static(model, ids)
             _add_peak_memory(row["speed"], path, "quantized", speed_dtypes[0], ids, device)
         row["weight_bytes"] = measure.weight_bytes(model)
         row["checkpoint_bytes"] = measure.dir_bytes(path)
@@ -424,10 +426,6 @@ def command_line() -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def _speed(model: nn.Module, ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    return measure.speed_cuda(model, ids) if device.type == "cuda" else measure.speed(model, ids)
-
-
 def _add_peak_memory(
     speed: dict[str, Any], path: Path, kind: str, dtype: str, ids: torch.Tensor, device: torch.device
 ) -> None:
@@ -435,7 +433,7 @@ def _add_peak_memory(
 
     CPU only: the figure is the process's resident memory, which does not see GPU memory.
     """
-    if device.type != "cpu":  # speed_cuda measured the GPU's
+    if device.type != "cpu":  # speed_static measured the GPU's
         return
     mem = measure.peak_memory(
         path, kind=kind, dtype=dtype, prompt=ids[: measure.DECODE_PROMPT_TOKENS], decode_tokens=speed["decode_tokens"]

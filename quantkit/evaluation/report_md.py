@@ -162,6 +162,25 @@ def table_text(rows: list[dict[str, Any]], *, memory_decimals: int = 1) -> tuple
     return [*head, *(MEMORY_COLUMNS if with_mem else ())], body
 
 
+DECODE_METHODS = {
+    "cpu_graph": "each step a replayed CPU graph",
+    "cuda_graph": "each step a replayed CUDA graph",
+    "cpu": "eager steps",
+    "cuda": "eager steps",
+}
+
+
+def decode_method_text(rows: list[dict[str, Any]]) -> str:
+    """How decode was run (static KV cache; graph replays or eager steps), and the CPU graphs' capture time."""
+    methods = [r["speed"].get("method") for r in rows if "speed" in r]
+    names = sorted({DECODE_METHODS[m] for m in methods if m in DECODE_METHODS})
+    if not names:
+        return ""
+    captures = [r["speed"]["capture_seconds"] for r in rows if "capture_seconds" in r.get("speed", {})]
+    capture = f", captured once in at most {max(captures):.2f} s, untimed" if captures else ""
+    return f"; decode with a static KV cache, {' or '.join(names)}{capture}"
+
+
 def markdown(all_results: list[dict[str, Any]]) -> str:
     lines = ["# quantkit report", ""]
     for results in all_results:
@@ -174,7 +193,7 @@ def markdown(all_results: list[dict[str, Any]]) -> str:
             f"({proto['tokens_scored']} tokens scored, {proto['perplexity_dtype']} activations). "
             + (
                 f"Speed: {', '.join(proto['speed_dtypes'])} baselines, quantized models in {proto['speed_dtypes'][0]}, "
-                f"on {proto['device']}."
+                f"on {proto['device']}{decode_method_text(rows)}."
                 if any("speed" in r for r in rows)
                 else f"Speed: not measured (--no-speed); on {proto['device']}."
             ),

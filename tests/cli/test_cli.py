@@ -59,9 +59,12 @@ def test_quantize_eval_report_end_to_end(tmp_path, tiny_model_dir, calib_file):
     assert names == ["float (float32)", "float (bfloat16)", "w8a8", "w8a16"]
     for r in results["rows"]:
         assert r["perplexity"] > 1 and r["speed"]["decode_tok_s"] > 0
+        # Decode is timed as quantkit serves it: CPU-graph replays, baselines included.
+        assert r["speed"]["method"] == "cpu_graph" and 0 < r["speed"]["capture_seconds"] < 60
     assert main(["report", str(tmp_path / "r.json"), "--out", str(tmp_path / "report.md"), "-q"]) == 0
     md = (tmp_path / "report.md").read_text()
     assert "| w8a8 |" in md and "| w8a16 |" in md and "drift" in md
+    assert "decode with a static KV cache, each step a replayed CPU graph, captured once" in md
 
 
 def test_calibrate_then_reuse_stats(tmp_path, tiny_model_dir, calib_file):
