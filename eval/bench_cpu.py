@@ -11,10 +11,21 @@ weight. Each figure is the median over ``--rounds`` rounds; within a round the f
 back to back, so load changes on the machine hit them alike.
 
 Per model (default model unless ``--model``): prefill tok/s over 512 tokens, decode tok/s and peak
-memory while generating, with the protocols of :mod:`quantkit.evaluation.measure` (the figures ``quantkit
-eval`` reports). Quantized models run with bf16 activations and quantkit's defaults: the tied
-embedding/lm_head is one int8 table, lm_head weight-only. Rounds interleave the four models in one
-process. Peak memory is measured in a fresh process per model (:func:`quantkit.evaluation.measure.peak_memory`).
+memory while generating, with the protocols of :mod:`quantkit.evaluation.measure`. Two ways of
+running each model:
+
+- ``fp32``, ``bf16``, ``w8a16``, ``w8a8``: Hugging Face's eager ``generate()``
+  (:func:`~quantkit.evaluation.measure.speed`), what a user of transformers runs;
+- ``... graph``: as quantkit serves it and ``quantkit eval`` reports it
+  (:func:`~quantkit.evaluation.measure.speed_static`): a static KV cache and each decode step a
+  replayed CPU graph (:mod:`quantkit.evaluation.cpu_graph`); the capture time is recorded apart;
+- ``llama.cpp q8_0`` (with ``--llama-cpp FILE.gguf``): the same model converted to GGUF Q8_0 with
+  llama.cpp's ``convert_hf_to_gguf.py --outtype q8_0``, run by llama-cpp-python with as many threads
+  as torch uses, the same prompt token ids, greedy decoding (argmax of its logits).
+
+Quantized models run with bf16 activations and quantkit's defaults: the tied embedding/lm_head is
+one int8 table, lm_head weight-only. Rounds interleave all rows in one process. Peak memory is
+measured in a fresh process per model for the eager rows (:func:`quantkit.evaluation.measure.peak_memory`).
 
 Every ratio is ``method / fp32`` and ``method / bf16`` of figures from this run. The W8A16 and
 W8A8 checkpoints are made here (calibration on the shipped text) unless ``--checkpoints DIR``
@@ -24,6 +35,10 @@ Run it alone on the machine (timings are meaningless when other processes compet
 
     flock /tmp/quantkit-cpu.lock python eval/bench_cpu.py --out bench_cpu.json
     python eval/bench_cpu.py --skip-model --rounds 3           # per layer only
+    python eval/bench_cpu.py --skip-layers --llama-cpp smollm2-q8_0.gguf   # with a llama.cpp row
+
+llama-cpp-python is not a quantkit dependency: ``pip install llama-cpp-python`` builds it from its
+source distribution (about 15 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -156,8 +171,58 @@ def _make_checkpoints(model: str, out: Path) -> dict[str, Path]:
     return paths
 
 
+class LlamaCpp:
+    """A GGUF model run by llama-cpp-python: prefill and greedy decode timed like the other rows."""
+
+    def __init__(self, gguf: Path, threads: int, context: int) -> None:
+        try:
+            import llama_cpp
+        except ImportError as e:
+            raise SystemExit(f"--llama-cpp needs llama-cpp-python: pip install llama-cpp-python ({e})") from e
+        if not gguf.is_file():
+            raise SystemExit(f"--llama-cpp: {gguf} is not a file")
+        self.llm = llama_cpp.Llama(
+            model_path=str(gguf), n_ctx=context, n_batch=context, n_ubatch=context,
+            n_threads=threads, n_threads_batch=threads, verbose=False,
+        )  # fmt: skip
+        self.info = {
+            "gguf": str(gguf),
+            "llama_cpp_python": llama_cpp.__version__,
+            "threads": threads,
+            "system_info": llama_cpp.llama_print_system_info().decode().strip(),
+        }
+
+    def _next(self) -> int:
+        return int(self.llm.scores[self.llm.n_tokens - 1].argmax())
+
+    def speed(self, ids: torch.Tensor, prefill_tokens: int, decode_tokens: int) -> dict[str, float]:
+        prompt = ids[:prefill_tokens].tolist()
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(prompt)
+        self._next()  # the first token, as the other rows' prefill computes its logits
+        prefill = time.perf_counter() - t0
+        self.llm.reset()
+        self.llm.eval(ids[: evaluate.DECODE_PROMPT_TOKENS].tolist())
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            self.llm.eval([self._next()])
+        decode = time.perf_counter() - t0
+        return {
+            "prefill_tokens": len(prompt),
+            "prefill_tok_s": len(prompt) / prefill,
+            "decode_tokens": decode_tokens,
+            "decode_tok_s": decode_tokens / decode,
+        }
+
+
+LLAMA_CPP_ROW = "llama.cpp q8_0"
+
+
 @torch.no_grad()
-def bench_model(model: str, checkpoints: dict[str, Path], rounds: int, prefill_tokens: int) -> dict[str, Any]:
+def bench_model(
+    model: str, checkpoints: dict[str, Path], rounds: int, prefill_tokens: int, llama_cpp: Path | None = None
+) -> dict[str, Any]:
     from quantkit.formats.float_models import load_float
 
     models: dict[str, nn.Module] = {}
@@ -166,20 +231,34 @@ def bench_model(model: str, checkpoints: dict[str, Path], rounds: int, prefill_t
     for name in ("w8a16", "w8a8"):
         models[name] = quantkit.load(checkpoints[name], dtype=torch.bfloat16)
     ids = evaluate.eval_token_ids(tokenizer)
+    decode_tokens = 32
+    runners: dict[str, Callable[[], dict[str, Any]]] = {}
     for name, m in models.items():
+        runners[name] = lambda m=m: evaluate.speed(m, ids, prefill_tokens=prefill_tokens, repeats=1, warmup=False)
+    for name in ("bf16", "w8a16", "w8a8"):
+        m = models[name]
+        runners[f"{name} graph"] = lambda m=m: evaluate.speed_static(m, ids, prefill_tokens=prefill_tokens, repeats=1)
+    extra: dict[str, Any] = {}
+    if llama_cpp is not None:
+        runner = LlamaCpp(llama_cpp, torch.get_num_threads(), prefill_tokens + evaluate.DECODE_PROMPT_TOKENS)
+        runners[LLAMA_CPP_ROW] = lambda: runner.speed(ids, prefill_tokens, decode_tokens)
+        extra["llama_cpp"] = runner.info
+    for name, run in runners.items():
         log.info("warming up %s", name)
-        evaluate.speed(m, ids, prefill_tokens=prefill_tokens, repeats=1)
-    per_round: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+        run()
+    per_round: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
     for r in range(rounds):
-        for name, m in models.items():
-            run, contention = _contention(
-                lambda m=m: evaluate.speed(m, ids, prefill_tokens=prefill_tokens, repeats=1, warmup=False)
-            )
-            per_round[name].append({**run, "contention": contention})
+        for name, run in runners.items():
+            result, contention = _contention(run)
+            per_round[name].append({**result, "contention": contention})
             if contention and max(contention.values()) > CONTENTION_WARN:
                 log.warning("round %d, %s: CPU contention %s", r, name, contention)
         log.info("round %d: decode tok/s %s", r, {n: round(v[-1]["decode_tok_s"], 2) for n, v in per_round.items()})
-    out: dict[str, Any] = {"float_path": str(float_path), "checkpoints": {k: str(v) for k, v in checkpoints.items()}}
+    out: dict[str, Any] = {
+        "float_path": str(float_path),
+        "checkpoints": {k: str(v) for k, v in checkpoints.items()},
+        **extra,
+    }
     rows = {}
     for name, runs in per_round.items():
         rows[name] = {
@@ -189,7 +268,13 @@ def bench_model(model: str, checkpoints: dict[str, Path], rounds: int, prefill_t
             "decode_tok_s": _median([r["decode_tok_s"] for r in runs]),
             "max_contention": max((max(r["contention"].values()) if r["contention"] else 0.0) for r in runs),
             "rounds": runs,
+            "peak_memory_bytes": None,
         }
+        if "method" in runs[0]:
+            rows[name]["decode_method"] = runs[0]["method"]
+        captures = [r["capture_seconds"] for r in runs if "capture_seconds" in r]
+        if captures:
+            rows[name]["capture_seconds"] = _median(captures)
     del models
     prompt = ids[: evaluate.DECODE_PROMPT_TOKENS]
     sources = {"fp32": ("float", float_path, "float32"), "bf16": ("float", float_path, "bfloat16")}
@@ -204,6 +289,9 @@ def bench_model(model: str, checkpoints: dict[str, Path], rounds: int, prefill_t
                 row[f"{key}_x_{base}"] = row[key] / rows[base][key]
             mem, base_mem = row["peak_memory_bytes"], rows[base]["peak_memory_bytes"]
             row[f"peak_memory_x_{base}"] = None if mem is None or base_mem is None else mem / base_mem
+        if LLAMA_CPP_ROW in rows:
+            for key in ("prefill_tok_s", "decode_tok_s"):
+                row[f"{key}_x_llama_cpp"] = row[key] / rows[LLAMA_CPP_ROW][key]
     out["rows"] = rows
     out["peak_memory_method"] = evaluate.PEAK_MEMORY_METHOD
     return out
@@ -230,17 +318,26 @@ def layer_table(results: list[dict[str, Any]]) -> str:
 
 
 def model_table(model: dict[str, Any]) -> str:
-    lines = [
-        "| model | prefill tok/s | x fp32 | x bf16 | decode tok/s | x fp32 | x bf16 | peak memory MiB | x bf16 |",
-        "|" + "---|" * 9,
-    ]
-    for name, r in model["rows"].items():
+    rows = model["rows"]
+    llama = LLAMA_CPP_ROW in rows
+    head = "| model | prefill tok/s | x fp32 | x bf16 | decode tok/s | x fp32 | x bf16 |"
+    head += " prefill x llama.cpp | decode x llama.cpp |" if llama else ""
+    head += " peak memory MiB | x bf16 |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, r in rows.items():
         mem = r["peak_memory_bytes"]
-        lines.append(
+        line = (
             f"| {name} | {r['prefill_tok_s']:.1f} | {r['prefill_tok_s_x_fp32']:.2f} | {r['prefill_tok_s_x_bf16']:.2f} "
-            f"| {r['decode_tok_s']:.2f} | {r['decode_tok_s_x_fp32']:.2f} | {r['decode_tok_s_x_bf16']:.2f} "
-            f"| {_fmt(None if mem is None else mem / 2**20, '.1f')} | {_fmt(r['peak_memory_x_bf16'], '.3f')} |"
+            f"| {r['decode_tok_s']:.2f} | {r['decode_tok_s_x_fp32']:.2f} | {r['decode_tok_s_x_bf16']:.2f} |"
         )
+        if llama:
+            line += f" {r['prefill_tok_s_x_llama_cpp']:.2f} | {r['decode_tok_s_x_llama_cpp']:.2f} |"
+        line += f" {_fmt(None if mem is None else mem / 2**20, '.1f')} | {_fmt(r['peak_memory_x_bf16'], '.3f')} |"
+        lines.append(line)
+    captures = {name: r["capture_seconds"] for name, r in rows.items() if "capture_seconds" in r}
+    if captures:
+        lines.append("")
+        lines.append("CPU graph capture (once per decoder, untimed): " + ", ".join(f"{n} {s:.2f} s" for n, s in captures.items()))
     return "\n".join(lines)
 
 
@@ -264,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer-rounds", type=int, default=5, help="per-layer rounds (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=5, help="per-model rounds (default: %(default)s)")
     p.add_argument("--prefill-tokens", type=int, default=512, help="prefill prompt length (default: %(default)s)")
+    p.add_argument(
+        "--llama-cpp",
+        type=Path,
+        metavar="GGUF",
+        help="add a llama.cpp row running this GGUF file (e.g. the model converted to Q8_0); needs llama-cpp-python",
+    )
     p.add_argument("--skip-layers", action="store_true", help="skip the per-layer part")
     p.add_argument("--skip-model", action="store_true", help="skip the per-model part")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")
@@ -299,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 log.info("quantizing %s (calibration on the shipped text)", args.model)
                 checkpoints = _make_checkpoints(args.model, args.save_checkpoints or Path(tmp))
-            results["model"] = bench_model(args.model, checkpoints, args.rounds, args.prefill_tokens)
+            results["model"] = bench_model(
+                args.model, checkpoints, args.rounds, args.prefill_tokens, llama_cpp=args.llama_cpp
+            )
     if not args.skip_layers:
         shapes, rows = _parse_shapes(args.shapes), [int(r) for r in args.rows.split(",")]
         results["layers"] = {

@@ -430,8 +430,8 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_t
 
 def cpu_features() -> dict[str, Any]:
     """What the CPU offers the kernels: its flags among :data:`CPU_FLAGS`, the instruction set torch
-    dispatches to, and the int8 GEMV quantkit's fused W8A8 kernel uses at a few rows (None when the
-    extension is not loaded in this process)."""
+    dispatches to, and the GEMVs quantkit's fused W8A8 and W8A16 kernels use at a few rows (None when
+    the extension is not loaded in this process)."""
     from ..kernels import cpu_fused
 
     flags: set[str] = set()
@@ -446,6 +446,7 @@ def cpu_features() -> dict[str, Any]:
         "flags": [f for f in CPU_FLAGS if f in flags],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "int8_gemv": cpu_fused.gemv_kind(),
+        "w8a16_gemv": cpu_fused.w16_gemv_kind(),
     }
 
 

@@ -69,10 +69,15 @@ def embedding_notes(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def features_text(env: dict[str, Any]) -> str:
-    """``, avx2 avx512f ..., int8 GEMV vnni`` from the environment's CPU features (results since they were recorded)."""
+    """``, avx2 avx512f ..., int8 GEMV vnni, W8A16 GEMV avx512`` from the environment's CPU features
+    (results since they were recorded)."""
     f = env.get("cpu_features") or {}
-    gemv = f.get("int8_gemv")
-    return (", " + " ".join(f["flags"]) if f.get("flags") else "") + (f", int8 GEMV {gemv}" if gemv else "")
+    gemv, w16 = f.get("int8_gemv"), f.get("w8a16_gemv")
+    return (
+        (", " + " ".join(f["flags"]) if f.get("flags") else "")
+        + (f", int8 GEMV {gemv}" if gemv else "")
+        + (f", W8A16 GEMV {w16}" if w16 else "")
+    )
 
 
 def format_notes(rows: list[dict[str, Any]]) -> list[str]:

@@ -237,6 +237,89 @@ const std::string& gemv_kind() {
   return kind;
 }
 
+// ---- W8A16 GEMV for a few rows (decode) -----------------------------------------------------------
+#ifdef QK_VNNI
+// fp32 activations [M, K] x int8 weights [N, K]^T -> fp32 dot products [M, N]: each weight row is
+// read once, widened to fp32 in registers and multiplied into every activation row with FMA. Four
+// weight rows at a time, so four independent accumulation chains (and four memory streams) are in
+// flight. Each output's arithmetic depends only on its own row and column, never on M: a sequence
+// gets the same result alone and in a batch. At one row torch's _weight_int8pack_mm reads the
+// default model's 49,152 x 576 tied lm_head at ~11 GB/s; this kernel reaches more (see README).
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void w16_gemv_avx512(const float* x, int64_t K, const int8_t* w,
+                                                                          int64_t N, float* acc, int64_t begin,
+                                                                          int64_t end) {
+  int64_t n = begin;
+  for (; n + 4 <= end; n += 4) {
+    __m512 a[4][M];
+    for (int c = 0; c < 4; ++c)
+      for (int m = 0; m < M; ++m) a[c][m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      __m512 xv[M];
+      for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x + m * K + k);
+      for (int c = 0; c < 4; ++c) {
+        const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + (n + c) * K + k)));
+        for (int m = 0; m < M; ++m) a[c][m] = _mm512_fmadd_ps(wf, xv[m], a[c][m]);
+      }
+    }
+    for (int c = 0; c < 4; ++c)
+      for (int m = 0; m < M; ++m) acc[m * N + n + c] = _mm512_reduce_add_ps(a[c][m]);
+  }
+  for (; n < end; ++n) {
+    __m512 a[M];
+    for (int m = 0; m < M; ++m) a[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mask = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      const __m512 wf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, w + n * K + k)));
+      for (int m = 0; m < M; ++m) a[m] = _mm512_fmadd_ps(wf, _mm512_maskz_loadu_ps(mask, x + m * K + k), a[m]);
+    }
+    for (int m = 0; m < M; ++m) acc[m * N + n] = _mm512_reduce_add_ps(a[m]);
+  }
+}
+
+// The same for AVX2 + FMA (8 lanes; the K tail in scalar code, in the same order for every row).
+template <int M>
+__attribute__((target("avx2,fma"))) void w16_gemv_avx2(const float* x, int64_t K, const int8_t* w, int64_t N,
+                                                       float* acc, int64_t begin, int64_t end) {
+  const int64_t K8 = K - K % 8;
+  for (int64_t n = begin; n < end; ++n) {
+    const int8_t* wr = w + n * K;
+    __m256 a[M];
+    for (int m = 0; m < M; ++m) a[m] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+      const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + k))));
+      for (int m = 0; m < M; ++m) a[m] = _mm256_fmadd_ps(wf, _mm256_loadu_ps(x + m * K + k), a[m]);
+    }
+    for (int m = 0; m < M; ++m) {
+      float lanes[8];
+      _mm256_storeu_ps(lanes, a[m]);
+      float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+      for (int64_t k = K8; k < K; ++k) sum += x[m * K + k] * static_cast<float>(wr[k]);
+      acc[m * N + n] = sum;
+    }
+  }
+}
+
+template <int M>
+void w16_gemv(bool avx512, const float* x, int64_t K, const int8_t* w, int64_t N, float* acc) {
+  // 4-column blocks, so a thread's share starts on a block boundary.
+  at::parallel_for(0, (N + 3) / 4, 16, [&](int64_t b, int64_t e) {
+    const int64_t begin = 4 * b, end = std::min<int64_t>(4 * e, N);
+    if (avx512) {
+      w16_gemv_avx512<M>(x, K, w, N, acc, begin, end);
+    } else {
+      w16_gemv_avx2<M>(x, K, w, N, acc, begin, end);
+    }
+  });
+}
+
+bool has_fma() {
+  static const bool yes = __builtin_cpu_supports("fma");
+  return yes;
+}
+#endif  // QK_VNNI
+
 // int8 [M, K] x int8 [N, K]^T -> int32 [M, N], exact: a GEMV for a few rows, else _int_mm.
 at::Tensor int8_matmul(const at::Tensor& q, const at::Tensor& weight) {
   const int64_t M = q.size(0), K = q.size(1), N = weight.size(0);
@@ -316,10 +399,68 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
+// Which W8A16 GEMV runs at up to kGemvMaxRows tokens per sequence: "avx512", "avx2" or "" (none:
+// _weight_int8pack_mm). Follows the W8A8 GEMV's choice: QUANTKIT_GEMV=0 turns it off, =avx2 forces AVX2.
+std::string w16_gemv_kind() {
+#ifdef QK_VNNI
+  const std::string& kind = gemv_kind();
+  if (kind == "vnni") return "avx512";
+  if (kind == "avx2" && has_fma()) return "avx2";
+#endif
+  return "";
+}
+
+#ifdef QK_VNNI
+at::Tensor w8a16_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                      const std::optional<at::Tensor>& bias, bool avx512) {
+  const int64_t K = weight.size(1), N = weight.size(0);
+  at::Tensor xf = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  at::Tensor acc = at::empty({M, N}, xf.options());
+  at::Tensor out = at::empty(out_sizes(x, N), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (M == 0) return out;
+  at::Tensor ws = weight_scale.to(at::kFloat).contiguous().view({N});
+  at::Tensor b = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* xp = xf.data_ptr<float>();
+  const int8_t* wp = weight.data_ptr<int8_t>();
+  float* ap = acc.data_ptr<float>();
+  // Rows in groups of up to kGemvMaxRows: every output is computed the same way whatever the group.
+  for (int64_t m0 = 0; m0 < M; m0 += kGemvMaxRows) {
+    const float* xm = xp + m0 * K;
+    float* am = ap + m0 * N;
+    switch (std::min<int64_t>(M - m0, kGemvMaxRows)) {
+      case 1: w16_gemv<1>(avx512, xm, K, wp, N, am); break;
+      case 2: w16_gemv<2>(avx512, xm, K, wp, N, am); break;
+      case 3: w16_gemv<3>(avx512, xm, K, wp, N, am); break;
+      default: w16_gemv<4>(avx512, xm, K, wp, N, am); break;
+    }
+  }
+  const float* sp = ws.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    parallel_rows(M, N, [&](int64_t m) {
+      for (int64_t n = 0; n < N; ++n) {
+        const float y = ap[m * N + n] * sp[n];
+        op[m * N + n] = static_cast<scalar_t>(bp ? y + bp[n] : y);
+      }
+    });
+  });
+  return out;
+}
+#endif  // QK_VNNI
+
 at::Tensor w8a16_packed(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                         const std::optional<at::Tensor>& bias) {
   check_operands(x, weight, weight_scale);
   const int64_t K = weight.size(1), N = weight.size(0);
+  // Tokens per sequence, as the Python side chooses paths (quantkit.kernels.reference.rows_per_sequence).
+  const int64_t L = x.dim() >= 3 ? x.size(-2) : x.numel() / std::max<int64_t>(K, 1);
+#ifdef QK_VNNI
+  const std::string kind = L <= kGemvMaxRows && weight.is_contiguous() ? w16_gemv_kind() : std::string();
+  if (!kind.empty()) return w8a16_gemv(x, weight, weight_scale, bias, kind == "avx512");
+#endif
   TORCH_CHECK(weight.is_contiguous() && aligned(weight),
               "_weight_int8pack_mm needs a contiguous, 64-byte aligned weight");
   at::Tensor x2d = aligned_rows(x, K);
@@ -482,7 +623,7 @@ class Replay {
 
   void run() {
     py::gil_scoped_release no_gil;
-    at::NoGradGuard no_grad;
+    c10::InferenceMode inference;
     torch::jit::Stack stack;
     for (const Node& n : nodes_) {
       stack.clear();
@@ -532,6 +673,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a16_packed", &w8a16_packed, "W8A16 through _weight_int8pack_mm");
   m.def("w8a16_dequant", &w8a16_dequant, "W8A16 by one-pass dequantization and the float GEMM");
   m.def("gemv_kind", &gemv_kind, "the int8 GEMV used at a few rows: vnni, avx2 or empty");
+  m.def("w16_gemv_kind", &w16_gemv_kind, "the W8A16 GEMV used at a few tokens per sequence: avx512, avx2 or empty");
   py::class_<Replay>(m, "Replay")
       .def(py::init<const py::list&, int64_t>())
       .def("run", &Replay::run)

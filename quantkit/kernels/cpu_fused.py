@@ -25,8 +25,13 @@ What the extension (C++ source: ``cpu_fused.cpp`` next to this file) does, bit-e
   row (576x576 at M = 1, weights from memory: 90 us with ``_int_mm``, 64 us with the VNNI GEMV, in
   the two A/B runs of ``eval/bench_cpu.py`` the README quotes). ``gemv_kind()`` says which runs; ``QUANTKIT_GEMV=0`` turns it off and ``QUANTKIT_GEMV=avx2``
   picks the AVX2 one on a VNNI CPU too (A/B benchmarks and tests).
-- ``w8a16_packed``: ``at::_weight_int8pack_mm`` (int8 weights converted in registers) plus the
-  bias, with the scale cast and alignment checks in C++ rather than Python.
+- ``w8a16_packed``: for few rows. At up to 4 tokens per sequence (decode), a GEMV in the extension:
+  each int8 weight row is widened to fp32 in registers and multiplied into the activation rows with
+  FMA (AVX512, or AVX2 + FMA), accumulated in fp32, then scaled per channel and cast once; four
+  weight rows at a time keep four accumulation chains and memory streams in flight. Beyond that,
+  ``at::_weight_int8pack_mm`` (int8 weights converted in registers, the scale applied in the
+  activation dtype) plus the bias. Neither equals the reference bit for bit (they sum in another
+  order); both are tested against it by SQNR. ``w16_gemv_kind()`` says which GEMV runs.
 - ``w8a16_dequant``: for many rows, one pass writes the dequantized weight in the activation dtype
   (the reference's ``(q.float() * scale).to(dtype)``) and calls ``at::linear`` once per sequence of
   the batch (as the reference does): the conversion is amortized over the rows and the result is
@@ -157,6 +162,12 @@ def gemv_kind() -> str | None:
     """The int8 GEMV the fused W8A8 kernel uses at a few rows: "vnni", "avx2" or "" (none); None when
     the extension is not loaded in this process (this never builds it)."""
     return None if _module is None else _module.gemv_kind()
+
+
+def w16_gemv_kind() -> str | None:
+    """The GEMV the W8A16 kernel uses at up to 4 tokens per sequence: "avx512", "avx2" or "" (none:
+    torch's ``_weight_int8pack_mm``); None when the extension is not loaded in this process."""
+    return None if _module is None else _module.w16_gemv_kind()
 
 
 def _require() -> ModuleType:
