@@ -9,6 +9,8 @@ Typical use::
     quantkit.save(model, "smollm2-w8a8", tokenizer)
 
     model = quantkit.load("smollm2-w8a8")                         # in an inference service
+    generator = quantkit.Generator(model, max_len=1024)           # static KV cache, decode step captured once
+    tokens = generator.generate(input_ids, 64, stop_tokens=[tokenizer.eos_token_id])
     # or, after `import quantkit`: AutoModelForCausalLM.from_pretrained("smollm2-w8a8")
 
     # quantize while loading a float model (transformers' quantization_config convention):
@@ -25,6 +27,7 @@ from .formats.float_models import load_float
 from .formats.native import load, read_quant_config, read_record, save
 
 __all__ = [
+    "Generator",
     "QuantConfig",
     "QuantRecord",
     "QuantkitConfig",
@@ -51,4 +54,8 @@ def __getattr__(name: str):
         from .formats.hf_quantizer import QuantkitConfig
 
         return QuantkitConfig
+    if name == "Generator":  # imports transformers' cache classes: on first use too
+        from .evaluation.fastgen import StaticDecoder
+
+        return StaticDecoder
     raise AttributeError(f"module 'quantkit' has no attribute {name!r}")

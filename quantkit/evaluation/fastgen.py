@@ -48,7 +48,7 @@ import inspect
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -106,9 +106,12 @@ class StaticDecoder:
     A decoder is reusable: each :meth:`prefill` starts a new sequence in the same buffers, so the
     graph is captured once (on the first prefill) and replayed for every later sequence.
 
-    Example:
-        >>> decoder = StaticDecoder(model, max_len=prompt.shape[1] + 64)
-        >>> tokens = decoder.generate(prompt, max_new_tokens=64)   # [1, prompt_len + 64]
+    Example (``quantkit.Generator`` is this class)::
+
+        >>> model = quantkit.load("smollm2-w8a8")
+        >>> generator = quantkit.Generator(model, max_len=1024)      # reuse it for every request
+        >>> ids = tokenizer(text, return_tensors="pt").input_ids
+        >>> tokens = generator.generate(ids, 64, stop_tokens=[tokenizer.eos_token_id])
     """
 
     def __init__(
@@ -284,16 +287,35 @@ class StaticDecoder:
         """``[batch_size, length]``: the prompt followed by every token generated so far (a copy)."""
         return self._tokens[:, : self._length].clone()
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy tokens like ``model.generate(do_sample=False)``: ``[B, n + max_new_tokens]`` (no early stop)."""
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int, *, stop_tokens: Iterable[int] | None = None
+    ) -> torch.Tensor:
+        """Greedy tokens like ``model.generate(do_sample=False)``: ``[B, n + new]`` token ids.
+
+        Without ``stop_tokens`` exactly ``max_new_tokens`` are generated. With them (e.g. the
+        tokenizer's ``eos_token_id``), generation stops once every row has produced one of them; the
+        stop token is kept, and a row that stopped early continues greedily until the others do.
+        Checking costs a host read per token (nothing on a CPU; a synchronization on a GPU).
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None, :]
         if input_ids.shape[-1] + max_new_tokens > self.max_len:
             raise ValueError(
                 f"{input_ids.shape[-1]} prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}"
             )
-        self.prefill(input_ids)
-        self.decode(max_new_tokens - 1)
+        first = self.prefill(input_ids)
+        if stop_tokens is None:
+            self.decode(max_new_tokens - 1)
+            return self.tokens()
+        stop = torch.tensor(sorted({int(t) for t in stop_tokens}), dtype=torch.long, device=self.device)
+        done = torch.isin(first, stop)
+        for _ in range(max_new_tokens - 1):
+            if bool(done.all()):
+                break
+            self.decode(1)
+            done |= torch.isin(self._input_ids[:, 0], stop)
         return self.tokens()
 
     def _start_dummy_sequence(self) -> None:

@@ -231,3 +231,27 @@ def test_the_default_model_replays_its_eager_tokens(default_model_dir, tokenizer
     decoder, got = _generate(model, ids, None, n=48)
     assert decoder.uses_cpu_graph and torch.equal(got, want)
     assert len(set(want[0, ids.shape[1] :].tolist())) > 10
+
+
+def test_public_generator_and_stop_tokens():
+    import quantkit
+
+    assert quantkit.Generator is StaticDecoder
+    model = make_lively("llama", "w8a8")
+    ids = _prompt()
+    generator = quantkit.Generator(model, max_len=PROMPT_LEN + NEW_TOKENS)
+    full = generator.generate(ids[0], NEW_TOKENS)  # a 1-D prompt is one row
+    new = full[0, PROMPT_LEN:].tolist()
+    stop = new[5]
+    first_stop = new.index(stop)
+    stopped = generator.generate(ids, NEW_TOKENS, stop_tokens=[stop, 10_000])
+    assert torch.equal(stopped, full[:, : PROMPT_LEN + first_stop + 1])  # the stop token is kept
+    assert generator.uses_cpu_graph
+    # Two rows: generation goes on until both have stopped.
+    generator_2 = quantkit.Generator(model, max_len=PROMPT_LEN + NEW_TOKENS, batch_size=2)
+    rows = torch.cat([ids, _prompt(seed=5)])
+    full2 = generator_2.generate(rows, NEW_TOKENS)
+    stop2 = full2[1, PROMPT_LEN + 3].item()
+    ends = [next((i for i, t in enumerate(r[PROMPT_LEN:].tolist()) if t in (stop, stop2)), NEW_TOKENS - 1) for r in full2]
+    got = generator_2.generate(rows, NEW_TOKENS, stop_tokens=[stop, stop2])
+    assert torch.equal(got, full2[:, : PROMPT_LEN + max(ends) + 1])
