@@ -447,6 +447,7 @@ def cpu_features() -> dict[str, Any]:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "int8_gemv": cpu_fused.gemv_kind(),
         "w8a16_gemv": cpu_fused.w16_gemv_kind(),
+        "int8_gemm": cpu_fused.int8_gemm_kind(),
     }
 
 

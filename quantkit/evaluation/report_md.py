@@ -72,11 +72,12 @@ def features_text(env: dict[str, Any]) -> str:
     """``, avx2 avx512f ..., int8 GEMV vnni, W8A16 GEMV avx512`` from the environment's CPU features
     (results since they were recorded)."""
     f = env.get("cpu_features") or {}
-    gemv, w16 = f.get("int8_gemv"), f.get("w8a16_gemv")
+    gemv, w16, gemm = f.get("int8_gemv"), f.get("w8a16_gemv"), f.get("int8_gemm")
     return (
         (", " + " ".join(f["flags"]) if f.get("flags") else "")
         + (f", int8 GEMV {gemv}" if gemv else "")
         + (f", W8A16 GEMV {w16}" if w16 else "")
+        + (f", int8 GEMM {gemm}" if gemm else "")
     )
 
 

@@ -320,7 +320,52 @@ bool has_fma() {
 }
 #endif  // QK_VNNI
 
-// int8 [M, K] x int8 [N, K]^T -> int32 [M, N], exact: a GEMV for a few rows, else _int_mm.
+// ---- int8 GEMM for many rows (prefill) without fast int8 dot products -------------------------------
+// oneDNN's _int_mm is fast where the CPU multiplies int8 natively (AVX512-VNNI, AVX-VNNI, AMX); on an
+// AVX2-only CPU it ran W8A8 prefill at 0.29x bf16 (issue 16). There the int8 values go through the
+// fp32 GEMM instead, which is exact: every product is an integer of magnitude <= 127 * 127 and every
+// partial sum of up to kExactK of them stays below 2^24, where fp32 represents integers exactly, in
+// whatever order the GEMM adds them. Longer rows are split into chunks of kExactK whose exact sums
+// are added in int32. The result is _int_mm's, bit for bit; the weight is widened per call, which a
+// prefill's rows amortize. Not used when fp32 matmuls may run in reduced precision
+// (torch.set_float32_matmul_precision other than "highest").
+constexpr int64_t kExactK = 1040;  // 1040 * 127 * 127 = 16,774,160 < 2^24 = 16,777,216
+
+// "int_mm" or "fp32": how the W8A8 kernel multiplies more than kGemvMaxRows rows. QUANTKIT_INT8_GEMM
+// picks one (A/B benchmarks, tests); by default int_mm where the CPU has native int8 dot products.
+const std::string& int8_gemm_kind() {
+  static const std::string kind = [] {
+    const char* v = std::getenv("QUANTKIT_INT8_GEMM");
+    const std::string want = v ? v : "";
+    if (want == "int_mm" || want == "fp32") return want;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+    // AMX CPUs have AVX512-VNNI too; AVX-VNNI (client CPUs without AVX512) is oneDNN's avx2_vnni.
+    const bool native = has_vnni() || __builtin_cpu_supports("avxvnni");
+#elif defined(__x86_64__) && defined(__GNUC__)
+    const bool native = has_vnni();
+#else
+    const bool native = true;  // ARM and others: leave it to oneDNN / torch
+#endif
+    return std::string(native ? "int_mm" : "fp32");
+  }();
+  return kind;
+}
+
+at::Tensor int8_matmul_fp32(const at::Tensor& q, const at::Tensor& weight) {
+  const int64_t K = q.size(1);
+  at::Tensor qf = q.to(at::kFloat);
+  at::Tensor acc;
+  for (int64_t k0 = 0; k0 < K; k0 += kExactK) {
+    const int64_t len = std::min(kExactK, K - k0);
+    at::Tensor wf = weight.narrow(1, k0, len).to(at::kFloat);
+    at::Tensor part = at::mm(qf.narrow(1, k0, len), wf.t()).to(at::kInt);
+    acc = acc.defined() ? acc.add_(part) : part;
+  }
+  return acc;
+}
+
+// int8 [M, K] x int8 [N, K]^T -> int32 [M, N], exact: a GEMV for a few rows, else _int_mm or the
+// exact fp32 GEMM (int8_gemm_kind).
 at::Tensor int8_matmul(const at::Tensor& q, const at::Tensor& weight) {
   const int64_t M = q.size(0), K = q.size(1), N = weight.size(0);
 #ifdef QK_VNNI
@@ -343,6 +388,10 @@ at::Tensor int8_matmul(const at::Tensor& q, const at::Tensor& weight) {
 #endif
   // torch 2.13's CPU _int_mm returns wrong sums for K = 1 (probed: every M); tiny K is cheap in int32.
   if (K == 1) return at::matmul(q.to(at::kInt), weight.to(at::kInt).t());
+  if (int8_gemm_kind() == "fp32" &&
+      at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST) {
+    return int8_matmul_fp32(q, weight);
+  }
   return at::_int_mm(q, weight.t());
 }
 
@@ -673,6 +722,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a16_packed", &w8a16_packed, "W8A16 through _weight_int8pack_mm");
   m.def("w8a16_dequant", &w8a16_dequant, "W8A16 by one-pass dequantization and the float GEMM");
   m.def("gemv_kind", &gemv_kind, "the int8 GEMV used at a few rows: vnni, avx2 or empty");
+  m.def("int8_gemm_kind", &int8_gemm_kind, "how W8A8 multiplies many rows: int_mm or fp32 (exact)");
   m.def("w16_gemv_kind", &w16_gemv_kind, "the W8A16 GEMV used at a few tokens per sequence: avx512, avx2 or empty");
   py::class_<Replay>(m, "Replay")
       .def(py::init<const py::list&, int64_t>())

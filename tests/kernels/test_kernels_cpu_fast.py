@@ -249,6 +249,31 @@ def test_w8a16_decode_gemv_is_close_and_row_independent(fused, k, dtype):
     assert fused.w16_gemv_kind() in ("avx512", "avx2", "")
 
 
+def test_fp32_int8_gemm_is_exact():
+    """QUANTKIT_INT8_GEMM=fp32 (the default on CPUs without VNNI), forced in a fresh process: int8
+    values through the fp32 GEMM, chunked at K = 1040, give the reference's outputs bit for bit, also
+    where every product is 127 * 127 and the sums pass 2^24."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from quantkit.kernels import cpu_fused, reference; "
+        "from quantkit.qmath import quantize_weight_per_channel as q; torch.manual_seed(0)\n"
+        "mod = cpu_fused.module()\n"
+        "if mod is None: print('none'); raise SystemExit\n"
+        "for m, k, n in ((5, 576, 192), (33, 1040, 7), (9, 1041, 33), (17, 2100, 5), (6, 4096, 3), (7, 1, 4)):\n"
+        "    for extreme in (False, True):\n"
+        "        x = torch.randn(m, k); w = torch.randn(n, k)\n"
+        "        if extreme: x = torch.ones(m, k); w = -torch.ones(n, k)  # every product -127 * 127\n"
+        "        wq, s = q(w); x = x.bfloat16()\n"
+        "        assert torch.equal(cpu_fused.w8a8_linear(x, wq, s), reference.w8a8_linear(x, wq, s)), (m, k, n)\n"
+        "print(mod.int8_gemm_kind())"
+    )
+    env = {**__import__("os").environ, "QUANTKIT_INT8_GEMM": "fp32"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] in ("fp32", "none")
+
+
 def test_avx2_gemv_is_exact_too():
     """The AVX2 GEMV, forced in a fresh process (the choice is read once), gives the reference's outputs."""
     import subprocess
