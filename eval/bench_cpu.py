@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                 "QUANTKIT_COMPILE",
                 "QUANTKIT_KERNELS",
                 "QUANTKIT_GEMV",
+                "QUANTKIT_INT8_GEMM",
                 "OMP_NUM_THREADS",
                 "ONEDNN_MAX_CPU_ISA",
                 "ATEN_CPU_CAPABILITY",

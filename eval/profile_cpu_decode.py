@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0.0 if e is None else e.cpu_time_total / 1e3 / args.tokens
 
     linear = total_ms("quantkit linear") + sum(total_ms(k) for k in events if k.startswith("quantkit::"))
-    attention = total_ms("aten::scaled_dot_product_attention")
+    # An eager step calls the composite op; a replayed one the CPU kernel it decomposes into.
+    attention = total_ms("aten::scaled_dot_product_attention") or sum(
+        total_ms(k) for k in events if k.startswith("aten::_scaled_dot_product_")
+    )
     profiled = sum(e.self_cpu_time_total for e in events.values()) / 1e3 / args.tokens
     how = "CPU graph replay" if decoder.uses_cpu_graph else "eager forward"
     print(f"decode ({how}, unprofiled): {per_token * 1e3:.2f} ms/token ({1 / per_token:.1f} tok/s)")
