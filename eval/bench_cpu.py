@@ -17,7 +17,7 @@ running each model:
 - ``fp32``, ``bf16``, ``w8a16``, ``w8a8``: Hugging Face's eager ``generate()``
   (:func:`~quantkit.evaluation.measure.speed`), what a user of transformers runs;
 - ``... graph``: as quantkit serves it and ``quantkit eval`` reports it
-  (:func:`~quantkit.evaluation.measure.speed_static`): a static KV cache and each decode step a
+  (:func:`~quantkit.evaluation.speed.speed_static`): a static KV cache and each decode step a
   replayed CPU graph (:mod:`quantkit.evaluation.cpu_graph`); the capture time is recorded apart;
 - ``llama.cpp q8_0`` (with ``--llama-cpp FILE.gguf``): the same model converted to GGUF Q8_0 with
   llama.cpp's ``convert_hf_to_gguf.py --outtype q8_0``, run by llama-cpp-python with as many threads
@@ -63,6 +63,7 @@ import quantkit
 from quantkit import kernels
 from quantkit.core.modules import W8A8Linear, W8A16Linear
 from quantkit.evaluation import measure as evaluate
+from quantkit.evaluation.speed import speed_static
 
 log = logging.getLogger("bench_cpu")
 
@@ -237,7 +238,7 @@ def bench_model(
         runners[name] = lambda m=m: evaluate.speed(m, ids, prefill_tokens=prefill_tokens, repeats=1, warmup=False)
     for name in ("bf16", "w8a16", "w8a8"):
         m = models[name]
-        runners[f"{name} graph"] = lambda m=m: evaluate.speed_static(m, ids, prefill_tokens=prefill_tokens, repeats=1)
+        runners[f"{name} graph"] = lambda m=m: speed_static(m, ids, prefill_tokens=prefill_tokens, repeats=1)
     extra: dict[str, Any] = {}
     if llama_cpp is not None:
         runner = LlamaCpp(llama_cpp, torch.get_num_threads(), prefill_tokens + evaluate.DECODE_PROMPT_TOKENS)
@@ -337,7 +338,8 @@ def model_table(model: dict[str, Any]) -> str:
     captures = {name: r["capture_seconds"] for name, r in rows.items() if "capture_seconds" in r}
     if captures:
         lines.append("")
-        lines.append("CPU graph capture (once per decoder, untimed): " + ", ".join(f"{n} {s:.2f} s" for n, s in captures.items()))
+        each = ", ".join(f"{n} {s:.2f} s" for n, s in captures.items())
+        lines.append(f"CPU graph capture (once per decoder, untimed): {each}")
     return "\n".join(lines)
 
 

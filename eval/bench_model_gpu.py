@@ -10,11 +10,11 @@ Per scheme:
 
 - **prefill**: one forward over ``--prefill-tokens`` random tokens (default 2048) that fills a static
   KV cache, logits for the last token only (as ``generate`` does); tokens/s = tokens / median time
-  (:func:`quantkit.evaluation.fastgen.time_prefill`).
+  (:func:`quantkit.evaluation.speed.time_prefill`).
 - **decode**: ``--decode-tokens`` greedy steps (default 128) after a ``--prompt-tokens`` prompt
   (default 128) through :class:`quantkit.evaluation.fastgen.StaticDecoder`: static KV cache, each step one CUDA
   graph replay (``--no-cuda-graphs`` for eager launches); tokens/s = steps / median time, prefill
-  excluded (:func:`quantkit.evaluation.fastgen.time_decode`).
+  excluded (:func:`quantkit.evaluation.speed.time_decode`).
 - **weight memory**: bytes of all parameters and buffers, and ``torch.cuda.memory_allocated()``
   after building/quantizing (before any KV cache or graph exists).
 
@@ -219,7 +219,7 @@ def _free(device: torch.device) -> None:
 
 
 def measure_scheme(scheme: str, args: argparse.Namespace, device: torch.device) -> dict:
-    from quantkit.evaluation import fastgen
+    from quantkit.evaluation import speed
 
     _free(device)
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -232,13 +232,13 @@ def measure_scheme(scheme: str, args: argparse.Namespace, device: torch.device) 
         result["allocated_bytes"] = torch.cuda.memory_allocated(device) - before
         torch.cuda.reset_peak_memory_stats(device)
     if device.type != "meta":
-        prefill = fastgen.time_prefill(
+        prefill = speed.time_prefill(
             model, args.prefill_tokens, batch_size=args.batch_size, repeats=args.repeats, seed=args.seed
         )
         log.info(
             "%s prefill %d tokens: %.4f s (%.1f tok/s)", scheme, prefill.tokens, prefill.seconds, prefill.tokens_per_s
         )
-        decode = fastgen.time_decode(
+        decode = speed.time_decode(
             model,
             args.decode_tokens,
             prompt_len=args.prompt_tokens,

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     torch.manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens))
-    decoder = StaticDecoder(model, max_len=args.prompt_tokens + args.tokens + 8, cpu_graph=False if args.eager else None)
+    max_len = args.prompt_tokens + args.tokens + 8
+    decoder = StaticDecoder(model, max_len=max_len, cpu_graph=False if args.eager else None)
     with torch.no_grad():
         decoder.prefill(prompt)
         decoder.decode(4)  # warm: extension built, caches allocated

@@ -172,12 +172,12 @@ def _compare(first: list[_Node], second: list[_Node]) -> None:
     """Raise CaptureError unless the two recordings are the same program."""
     if len(first) != len(second):
         raise CaptureError(f"the step ran {len(first)} ops at one position and {len(second)} at the next")
-    for i, (a, b) in enumerate(zip(first, second)):
+    for i, (a, b) in enumerate(zip(first, second, strict=True)):
         if a.func != b.func:
             raise CaptureError(f"op {i} is {a.func} at one position and {b.func} at the next")
         if a.outs != b.outs:
             raise CaptureError(f"op {i} ({a.func}) returned different values at the two positions")
-        for j, (ea, eb) in enumerate(zip(a.args, b.args)):
+        for j, (ea, eb) in enumerate(zip(a.args, b.args, strict=True)):
             if not _same_encoding(ea, eb):
                 name = a.func._schema.arguments[j].name
                 raise CaptureError(
@@ -195,7 +195,7 @@ def _same_encoding(a: Any, b: Any) -> bool:
         return _same_constant(a[1], b[1])
     if a[0] == _REF:
         return a == b
-    return len(a[1]) == len(b[1]) and all(_same_encoding(x, y) for x, y in zip(a[1], b[1]))
+    return len(a[1]) == len(b[1]) and all(_same_encoding(x, y) for x, y in zip(a[1], b[1], strict=True))
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -242,7 +242,7 @@ def _fold(nodes: list[_Node]) -> list[_Node]:
             and all(_storage(t) not in written for v in node.values for t in _tensors(v))
         )
         if foldable:
-            for slot, value in zip(node.outs, node.values):
+            for slot, value in zip(node.outs, node.values, strict=True):
                 if slot >= 0:
                     folded[slot] = value
         else:

@@ -46,10 +46,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-import statistics
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -104,7 +101,8 @@ class StaticDecoder:
             ``True`` raises instead of falling back.
 
     A decoder is reusable: each :meth:`prefill` starts a new sequence in the same buffers, so the
-    graph is captured once (on the first prefill) and replayed for every later sequence.
+    graph is captured once (on the first prefill) and replayed for every later sequence. It holds
+    one sequence batch at a time: a service runs one decoder per worker thread.
 
     Example (``quantkit.Generator`` is this class)::
 
@@ -186,7 +184,9 @@ class StaticDecoder:
             return False
         if not cpu_graph_mod.available():
             if requested:
-                raise RuntimeError("cpu_graph=True needs quantkit's C++ extension, which is disabled or failed to build")
+                raise RuntimeError(
+                    "cpu_graph=True needs quantkit's C++ extension, which is disabled or failed to build"
+                )
             return False  # cpu_fused has warned why
         return True
 
@@ -331,18 +331,24 @@ class StaticDecoder:
         self._start_dummy_sequence()
         try:
             self._cpu_graph = cpu_graph_mod.capture(self._step)
-        except cpu_graph_mod.CaptureError as err:
+        except Exception as err:  # any failure to capture leaves the (correct) eager step
             if self._cpu_graph_requested:
                 raise
-            log.warning("decoding %s eagerly: its decode step cannot be replayed as a CPU graph (%s)",
-                        type(self.model).__name__, err)
+            reason = str(err) if isinstance(err, cpu_graph_mod.CaptureError) else f"{type(err).__name__}: {err}"
+            log.warning(
+                "decoding %s eagerly: its decode step cannot be replayed as a CPU graph (%s)",
+                type(self.model).__name__,
+                reason.splitlines()[0] if reason else type(err).__name__,
+            )
             self._use_cpu_graph = False
         finally:
             self.reset()
         if self._cpu_graph is not None:
             log.info(
                 "recorded the decode step of %s as a CPU graph: %d ops, %.2f s",
-                type(self.model).__name__, self._cpu_graph.n_ops, self._cpu_graph.capture_seconds,
+                type(self.model).__name__,
+                self._cpu_graph.n_ops,
+                self._cpu_graph.capture_seconds,
             )
 
     def _capture(self) -> None:
@@ -383,121 +389,3 @@ def generate_greedy(
         model, input_ids.shape[1] + max_new_tokens, batch_size=input_ids.shape[0], cuda_graph=cuda_graph
     )
     return decoder.generate(input_ids, max_new_tokens)
-
-
-# ----------------------------------------------------------------------------------------------
-# Timing
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Timing:
-    """A timed operation: median ``seconds`` per run over ``samples``, ``tokens`` processed per run."""
-
-    seconds: float
-    tokens: int
-    samples: tuple[float, ...]
-    # "cuda_graph" / "cpu_graph" (decode replayed from a graph), "cuda" (eager launches, CUDA
-    # events) or "cpu" (eager).
-    method: str
-    # Seconds the CPU graph took to record and build (once, before the timed runs); None without one.
-    capture_seconds: float | None = None
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds
-
-
-def _time_runs(
-    fn: Callable[[], object], setup: Callable[[], object], device: torch.device, repeats: int
-) -> list[float]:
-    """Seconds of ``fn`` per run, ``setup`` untimed before each; one untimed warm-up run first.
-
-    On CUDA the device is idle when the start event is recorded, so the time includes the host's
-    launch overhead (the thing CUDA graphs remove), and ends when the last kernel finishes.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    samples = []
-    for i in range(1 + repeats):
-        setup()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            seconds = time.perf_counter() - t0
-        if i > 0:
-            samples.append(seconds)
-    return samples
-
-
-def _prompt(model: nn.Module, n_tokens: int, batch_size: int, prompt: torch.Tensor | None, seed: int) -> torch.Tensor:
-    """``[batch_size, n_tokens]`` token ids: the start of ``prompt``, or seeded random ids (speed does
-    not depend on token values)."""
-    if prompt is not None:
-        prompt = prompt if prompt.dim() == 2 else prompt[None, :]
-        if prompt.shape[1] < n_tokens:
-            raise ValueError(f"prompt has {prompt.shape[1]} tokens, fewer than the {n_tokens} asked for")
-        return prompt[:, :n_tokens].expand(batch_size, -1).to(model_device(model))
-    vocab = model.get_input_embeddings().num_embeddings
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (batch_size, n_tokens), generator=gen).to(model_device(model))
-
-
-def time_prefill(
-    model: nn.Module,
-    n_tokens: int,
-    *,
-    batch_size: int = 1,
-    repeats: int = 5,
-    prompt: torch.Tensor | None = None,
-    seed: int = 0,
-) -> Timing:
-    """Time the prefill of an ``n_tokens`` prompt: one forward that fills a static cache.
-
-    It is the forward :meth:`StaticDecoder.prefill` runs (logits of the last token only, as in
-    ``generate``), timed without the cache reset. Median of ``repeats`` runs after a warm-up.
-    """
-    decoder = StaticDecoder(model, n_tokens + 1, batch_size, cuda_graph=False, cpu_graph=False)
-    ids = _prompt(model, n_tokens, batch_size, prompt, seed)
-    samples = _time_runs(lambda: decoder.prefill(ids, reset=False), decoder.reset, decoder.device, repeats)
-    method = "cuda" if decoder.device.type == "cuda" else decoder.device.type
-    return Timing(statistics.median(samples), n_tokens * batch_size, tuple(samples), method)
-
-
-def time_decode(
-    model: nn.Module,
-    n_new: int,
-    *,
-    prompt_len: int = 128,
-    batch_size: int = 1,
-    repeats: int = 5,
-    cuda_graph: bool | None = None,
-    cpu_graph: bool | None = None,
-    prompt: torch.Tensor | None = None,
-    seed: int = 0,
-) -> Timing:
-    """Time ``n_new`` greedy decode steps after a ``prompt_len``-token prefill (the prefill is untimed).
-
-    Each step feeds one token per row and produces the next, so ``tokens = n_new * batch_size``.
-    On CUDA the steps are CUDA graph replays unless ``cuda_graph=False``, on the CPU replays of a
-    recorded CPU graph unless ``cpu_graph=False`` (see :class:`StaticDecoder`). Median of ``repeats``
-    runs after a warm-up run; the graph is captured before it, untimed.
-    """
-    if n_new < 1:
-        raise ValueError(f"n_new must be at least 1, got {n_new}")
-    decoder = StaticDecoder(model, prompt_len + 1 + n_new, batch_size, cuda_graph=cuda_graph, cpu_graph=cpu_graph)
-    ids = _prompt(model, prompt_len, batch_size, prompt, seed)
-    samples = _time_runs(lambda: decoder.decode(n_new), lambda: decoder.prefill(ids), decoder.device, repeats)
-    if decoder.uses_cuda_graph or decoder.uses_cpu_graph:
-        method = "cuda_graph" if decoder.uses_cuda_graph else "cpu_graph"
-    else:
-        method = decoder.device.type
-    return Timing(statistics.median(samples), n_new * batch_size, tuple(samples), method, decoder.capture_seconds)

@@ -13,10 +13,11 @@ Speed protocol: prefill is one forward pass over a ``prefill_tokens`` prompt as 
 runs it (tokens/s = prompt length / time): it fills the KV cache and computes the logits of the last
 position only (``logits_to_keep=1``), the time to the first token; scoring every position is the
 perplexity workload, not a prefill. Decode is greedy generation with the KV cache, prefill excluded.
-Two ways of running them: :func:`speed_static` (what ``quantkit eval`` reports) as quantkit serves a
-model, with a static KV cache and each decode step a replayed CUDA or CPU graph; :func:`speed`, Hugging
-Face's eager ``generate()`` timed as ``(t(1 + n new tokens) - t(1 new token)) / n`` (the "HF eager"
-rows of ``eval/bench_cpu.py``). Each figure is the median of ``repeats`` runs after a warm-up run.
+Two ways of running them: :func:`quantkit.evaluation.speed.speed_static` (what ``quantkit eval``
+reports) as quantkit serves a model, with a static KV cache and each decode step a replayed CUDA or
+CPU graph; :func:`speed`, Hugging Face's eager ``generate()`` timed as
+``(t(1 + n new tokens) - t(1 new token)) / n`` (the "HF eager" rows of ``eval/bench_cpu.py``).
+Each figure is the median of ``repeats`` runs after a warm-up run.
 
 Memory protocol (:func:`peak_memory`, Linux only): each model is measured in a fresh Python process,
 so nothing another model allocated or the allocator kept is counted. The process first imports and
@@ -220,46 +221,6 @@ def speed(
         "decode_tokens": decode_tokens,
         "decode_tok_s": decode_tokens / max(tn - t1, 1e-9),
     }
-
-
-@torch.no_grad()
-def speed_static(
-    model: nn.Module, ids: torch.Tensor, *, prefill_tokens: int = 512, decode_tokens: int = 32, repeats: int = 3
-) -> dict[str, Any]:
-    """The figures of :func:`speed`, measured as quantkit serves the model (``quantkit eval`` uses this).
-
-    Eager ``generate()`` spends most of a decode step in Python (on a GPU it is launch-bound), so
-    decode runs :class:`~quantkit.evaluation.fastgen.StaticDecoder` after a ``DECODE_PROMPT_TOKENS``
-    prompt: a static KV cache, and each step one CUDA-graph replay on a GPU, one CPU-graph replay on
-    the CPU (``method`` says which; eager where the model's step cannot be captured). The capture
-    happens once, before the timed runs; ``capture_seconds`` reports the CPU graph's. Prefill is
-    the same decoder's forward over a ``prefill_tokens`` prompt. On CUDA, peak memory is the
-    allocator's peak while decoding (weights, KV cache, activations). Medians of ``repeats`` runs
-    after a warm-up, timed with CUDA events on a GPU.
-    """
-    from . import fastgen
-
-    device = next(model.parameters()).device
-    prompt = ids[:prefill_tokens][None, :].to(device)
-    prefill = fastgen.time_prefill(model, prompt.shape[1], prompt=prompt, repeats=repeats)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    decode = fastgen.time_decode(
-        model, decode_tokens, prompt_len=DECODE_PROMPT_TOKENS, prompt=prompt[:, :DECODE_PROMPT_TOKENS], repeats=repeats
-    )
-    out = {
-        "prefill_tokens": prompt.shape[1],
-        "prefill_tok_s": prefill.tokens_per_s,
-        "decode_tokens": decode_tokens,
-        "decode_tok_s": decode.tokens_per_s,
-        "method": decode.method,
-    }
-    if decode.capture_seconds is not None:
-        out["capture_seconds"] = decode.capture_seconds
-    if device.type == "cuda":
-        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
 
 
 PEAK_MEMORY_METHOD = (

@@ -47,7 +47,7 @@ from ..formats.safetensors_io import CheckpointReader
 from ..formats.shard_writer import ShardWriter, parse_size
 from ..formats.validate import raise_problems
 from ..qmath import all_finite
-from . import measure
+from . import measure, speed
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +271,7 @@ def evaluate_all(
 
     ``device`` (``"auto"``, ``"cpu"``, ``"cuda:0"``, ...) runs everything there. Speed is measured
     as quantkit serves a model: static-cache decoding with each step a CUDA-graph replay on a GPU,
-    a CPU-graph replay on the CPU (:func:`quantkit.evaluation.measure.speed_static`), the float
+    a CPU-graph replay on the CPU (:func:`quantkit.evaluation.speed.speed_static`), the float
     baselines the same way.
     """
     device = resolve_device(device)
@@ -314,7 +314,7 @@ def evaluate_all(
         row["weight_bytes"] = measure.weight_bytes(model)
         row["checkpoint_bytes"] = measure.dir_bytes(base_path)
         if measure_speed and dtype_name in speed_dtypes:
-            row["speed"] = measure.speed_static(model, ids)
+            row["speed"] = speed.speed_static(model, ids)
             _add_peak_memory(row["speed"], base_path, "float", dtype_name, ids, device)
         rows.append(row)
         del model
@@ -339,7 +339,7 @@ def evaluate_all(
                 del model
                 model = load(path, dtype=getattr(torch, speed_dtypes[0]), device=device)
             row["speed_dtype"] = speed_dtypes[0]
-            row["speed"] = measure.speed_static(model, ids)
+            row["speed"] = speed.speed_static(model, ids)
             _add_peak_memory(row["speed"], path, "quantized", speed_dtypes[0], ids, device)
         row["weight_bytes"] = measure.weight_bytes(model)
         row["checkpoint_bytes"] = measure.dir_bytes(path)

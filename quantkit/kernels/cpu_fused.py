@@ -28,8 +28,9 @@ What the extension (C++ source: ``cpu_fused.cpp`` next to this file) does, bit-e
   operands widened to int16 and ``vpmaddwd`` on AVX2-only CPUs; exact in int32 either way, so the
   outputs are the same bit for bit. ``_int_mm`` spends more on setup than on the multiply at one
   row (576x576 at M = 1, weights from memory: 90 us with ``_int_mm``, 64 us with the VNNI GEMV, in
-  the two A/B runs of ``eval/bench_cpu.py`` the README quotes). ``gemv_kind()`` says which runs; ``QUANTKIT_GEMV=0`` turns it off and ``QUANTKIT_GEMV=avx2``
-  picks the AVX2 one on a VNNI CPU too (A/B benchmarks and tests).
+  the two A/B runs of ``eval/bench_cpu.py`` the README quotes). ``gemv_kind()`` says which runs;
+  ``QUANTKIT_GEMV=0`` turns it off and ``QUANTKIT_GEMV=avx2`` picks the AVX2 one on a VNNI CPU too
+  (A/B benchmarks and tests).
 - ``w8a16_packed``: for few rows. At up to 4 tokens per sequence (decode), a GEMV in the extension:
   each int8 weight row is widened to fp32 in registers and multiplied into the activation rows with
   FMA (AVX512, or AVX2 + FMA), accumulated in fp32, then scaled per channel and cast once; four

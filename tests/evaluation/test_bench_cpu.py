@@ -26,7 +26,12 @@ class _FakeLlamaCpp:
         self.info = {"gguf": str(gguf), "threads": threads, "context": context}
 
     def speed(self, ids, prefill_tokens, decode_tokens):
-        return {"prefill_tokens": prefill_tokens, "prefill_tok_s": 100.0, "decode_tokens": decode_tokens, "decode_tok_s": 10.0}
+        return {
+            "prefill_tokens": prefill_tokens,
+            "prefill_tok_s": 100.0,
+            "decode_tokens": decode_tokens,
+            "decode_tok_s": 10.0,
+        }
 
 
 def test_bench_cpu_model_rows(bench, tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -226,7 +226,8 @@ def test_the_default_model_replays_its_eager_tokens(default_model_dir, tokenizer
     config = quantkit.QuantConfig(scheme="w8a8")
     stats = quantkit.calibrate(model, tokenizer, config=config, n_samples=4, seq_len=128, progress=False)
     quantkit.quantize(model, config, stats, progress=False)
-    ids = tokenizer("Emma Woodhouse, handsome, clever, and rich, with a comfortable home", return_tensors="pt").input_ids
+    text = "Emma Woodhouse, handsome, clever, and rich, with a comfortable home"
+    ids = tokenizer(text, return_tensors="pt").input_ids
     _, want = _generate(model, ids, False, n=48)
     decoder, got = _generate(model, ids, None, n=48)
     assert decoder.uses_cpu_graph and torch.equal(got, want)
@@ -252,6 +253,8 @@ def test_public_generator_and_stop_tokens():
     rows = torch.cat([ids, _prompt(seed=5)])
     full2 = generator_2.generate(rows, NEW_TOKENS)
     stop2 = full2[1, PROMPT_LEN + 3].item()
-    ends = [next((i for i, t in enumerate(r[PROMPT_LEN:].tolist()) if t in (stop, stop2)), NEW_TOKENS - 1) for r in full2]
+    ends = [
+        next((i for i, t in enumerate(r[PROMPT_LEN:].tolist()) if t in (stop, stop2)), NEW_TOKENS - 1) for r in full2
+    ]
     got = generator_2.generate(rows, NEW_TOKENS, stop_tokens=[stop, stop2])
     assert torch.equal(got, full2[:, : PROMPT_LEN + max(ends) + 1])

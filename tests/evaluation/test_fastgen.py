@@ -20,7 +20,8 @@ import torch
 from tiny_models import make_lively, make_tiny
 
 import quantkit
-from quantkit.evaluation.fastgen import StaticDecoder, cache_supports_graphs, generate_greedy, time_decode, time_prefill
+from quantkit.evaluation.fastgen import StaticDecoder, cache_supports_graphs, generate_greedy
+from quantkit.evaluation.speed import time_decode, time_prefill
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
