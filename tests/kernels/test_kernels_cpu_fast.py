@@ -297,3 +297,25 @@ def test_avx2_gemv_is_exact_too():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     last = (out.strip().splitlines() or [""])[-1]
     assert last in ("avx2 avx2", "none", "")  # "" where the CPU has no AVX2 (and FMA)
+
+
+def test_fused_kernels_are_dispatcher_ops_with_meta_shapes(fused):
+    """torch.ops.quantkit.* run the same kernels, and their Meta versions give shapes to fake tensors and
+    torch.compile (here through AOTAutograd, which traces with them), so compiled code can call them."""
+    x, w, ws, b, smooth = _operands(3, 64, 40, torch.bfloat16)
+    x = x.view(1, 3, 64)
+    ops = torch.ops.quantkit
+    assert torch.equal(
+        ops.w8a8_linear(x, w, ws, b, smooth, None), fused.module().w8a8_linear(x, w, ws, b, smooth, None)
+    )
+    assert torch.equal(ops.w8a16_packed(x, w, ws, b), fused.module().w8a16_packed(x, w, ws, b))
+    assert torch.equal(ops.w8a16_dequant(x, w, ws, None), reference.w8a16_linear(x, w, ws, None))
+    meta = ops.w8a8_linear(x.to("meta"), w.to("meta"), ws.to("meta"))
+    assert meta.device.type == "meta" and meta.shape == (1, 3, 40) and meta.dtype == torch.bfloat16
+
+    def f(x):
+        return ops.w8a16_dequant(ops.w8a8_linear(x, w, ws, b, smooth, None).relu()[..., :32].contiguous(), w2, ws2)
+
+    w2, ws2 = quantize_weight_per_channel(torch.randn(16, 32))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), f(x))
