@@ -107,7 +107,7 @@ class _Recorder(TorchDispatchMode):
             if arg.alias_info is not None and arg.alias_info.is_write
             for v in _tensors(args[i] if i < len(args) and not arg.kwarg_only else kwargs.get(arg.name))
         ]
-        returns = out if isinstance(out, tuple) else (out,)
+        returns = () if not schema.returns else out if isinstance(out, tuple) else (out,)
         if len(schema.returns) != len(returns):
             raise CaptureError(f"{func} returned {len(returns)} values, its schema says {len(schema.returns)}")
         outs = []
@@ -184,6 +184,28 @@ def _compare(first: list[_Node], second: list[_Node]) -> None:
                     f"argument {name!r} of op {i} ({a.func}) differs between positions: the forward computes "
                     "it on the host, or outside the dispatcher"
                 )
+    _check_fresh_constants(first, second)
+
+
+def _check_fresh_constants(first: list[_Node], second: list[_Node]) -> None:
+    """Refuse a step that writes into a tensor it creates outside the dispatcher (``torch.tensor(...)``).
+
+    Eager gets a new such tensor every step; a replay would keep writing into the recorded one, so
+    the writes would build up from step to step. Such a tensor is a constant whose buffer differs
+    between the two recordings.
+    """
+    written = {_storage(t) for node in second for t in node.written}
+    for i, (a, b) in enumerate(zip(first, second, strict=True)):
+        fresh = [
+            tb
+            for ea, eb in zip(a.args, b.args, strict=True)
+            for ta, tb in zip(_const_tensors(ea), _const_tensors(eb), strict=True)
+            if _storage(ta) != _storage(tb)
+        ]
+        if any(_storage(t) in written for t in fresh):
+            raise CaptureError(
+                f"op {i} ({b.func}) reads a tensor made outside the dispatcher that the step then writes into"
+            )
 
 
 def _same_encoding(a: Any, b: Any) -> bool:
@@ -255,7 +277,10 @@ def _prune(nodes: list[_Node]) -> list[_Node]:
     needed: set[int] = set()
     kept: list[_Node] = []
     for node in reversed(nodes):
-        if node.func._schema.is_mutable or any(s in needed for s in node.outs if s >= 0):
+        schema = node.func._schema
+        # Kept: ops that write (cache, buffers), ops that return nothing (run for their checks),
+        # and ops whose results a kept op reads.
+        if schema.is_mutable or not schema.returns or any(s in needed for s in node.outs if s >= 0):
             node.reads = sorted({s for enc in node.args for s in _refs(enc)})
             needed.update(node.reads)
             kept.append(node)

@@ -323,13 +323,13 @@ bool has_fma() {
 // ---- int8 GEMM for many rows (prefill) without fast int8 dot products -------------------------------
 // oneDNN's _int_mm is fast where the CPU multiplies int8 natively (AVX512-VNNI, AVX-VNNI, AMX); on an
 // AVX2-only CPU it ran W8A8 prefill at 0.29x bf16 (issue 16). There the int8 values go through the
-// fp32 GEMM instead, which is exact: every product is an integer of magnitude <= 127 * 127 and every
-// partial sum of up to kExactK of them stays below 2^24, where fp32 represents integers exactly, in
+// fp32 GEMM instead, which is exact: every product is an integer of magnitude <= 127 * 128 (the
+// activations are clamped to +-127) and every partial sum of up to kExactK of them stays below 2^24, where fp32 represents integers exactly, in
 // whatever order the GEMM adds them. Longer rows are split into chunks of kExactK whose exact sums
 // are added in int32. The result is _int_mm's, bit for bit; the weight is widened per call, which a
 // prefill's rows amortize. Not used when fp32 matmuls may run in reduced precision
 // (torch.set_float32_matmul_precision other than "highest").
-constexpr int64_t kExactK = 1040;  // 1040 * 127 * 127 = 16,774,160 < 2^24 = 16,777,216
+constexpr int64_t kExactK = 1032;  // 1032 * 128 * 127 = 16,776,192 < 2^24 = 16,777,216 (any int8 weight)
 
 // "int_mm" or "fp32": how the W8A8 kernel multiplies more than kGemvMaxRows rows. QUANTKIT_INT8_GEMM
 // picks one (A/B benchmarks, tests); by default int_mm where the CPU has native int8 dot products.
@@ -351,8 +351,19 @@ const std::string& int8_gemm_kind() {
   return kind;
 }
 
+// Whether fp32 matmuls run in full precision (set_float32_matmul_precision("highest")). torch 2.9+
+// throws from this query once the per-backend precision settings are used: then assume they are not.
+bool fp32_matmul_is_ieee() {
+  try {
+    return at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
 at::Tensor int8_matmul_fp32(const at::Tensor& q, const at::Tensor& weight) {
   const int64_t K = q.size(1);
+  if (K == 0) return at::zeros({q.size(0), weight.size(0)}, q.options().dtype(at::kInt));
   at::Tensor qf = q.to(at::kFloat);
   at::Tensor acc;
   for (int64_t k0 = 0; k0 < K; k0 += kExactK) {
@@ -388,8 +399,7 @@ at::Tensor int8_matmul(const at::Tensor& q, const at::Tensor& weight) {
 #endif
   // torch 2.13's CPU _int_mm returns wrong sums for K = 1 (probed: every M); tiny K is cheap in int32.
   if (K == 1) return at::matmul(q.to(at::kInt), weight.to(at::kInt).t());
-  if (int8_gemm_kind() == "fp32" &&
-      at::globalContext().float32MatmulPrecision() == at::Float32MatmulPrecision::HIGHEST) {
+  if (int8_gemm_kind() == "fp32" && fp32_matmul_is_ieee()) {
     return int8_matmul_fp32(q, weight);
   }
   return at::_int_mm(q, weight.t());

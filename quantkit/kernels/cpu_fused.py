@@ -20,7 +20,7 @@ What the extension (C++ source: ``cpu_fused.cpp`` next to this file) does, bit-e
   (``-ffp-contract=off``), so the outputs are equal, not just close.
   On a CPU without native int8 dot products (no VNNI, e.g. AVX2-only), ``_int_mm`` is slow, so
   more rows go through the fp32 GEMM instead, exactly: int8 products are integers below 2^14 and
-  sums of up to 1,040 of them stay below 2^24, which fp32 holds exactly in any summation order;
+  sums of up to 1,032 of them stay below 2^24, which fp32 holds exactly in any summation order;
   longer rows are split into such chunks, added in int32 (``int8_gemm_kind()``: "int_mm" or
   "fp32"; ``QUANTKIT_INT8_GEMM`` forces one). Same outputs bit for bit.
   At up to 4 rows (decode), a GEMV in the extension replaces ``_int_mm``: it streams each int8
@@ -96,21 +96,25 @@ _SOURCE_FILE = "cpu_fused.cpp"
 _lock = threading.Lock()
 _module: ModuleType | None = None
 _failed = False
-# While set, the kernels are called as dispatcher ops (torch.ops.quantkit.*) rather than through the
-# extension's Python bindings (~4 us faster per call), so that a TorchDispatchMode sees each one as a
-# single op: quantkit.evaluation.cpu_graph records a decode step this way.
-_through_dispatcher = False
+# While set (per thread, as dispatch modes are), the kernels are called as dispatcher ops
+# (torch.ops.quantkit.*) rather than through the extension's Python bindings (~4 us faster per call),
+# so that a TorchDispatchMode sees each one as a single op: quantkit.evaluation.cpu_graph records a
+# decode step this way.
+_local = threading.local()
+
+
+def _dispatching() -> bool:
+    return getattr(_local, "through_dispatcher", False)
 
 
 @contextlib.contextmanager
 def through_dispatcher() -> Iterator[None]:
-    """Call the kernels as ``torch.ops.quantkit.*`` ops inside the block (see ``_through_dispatcher``)."""
-    global _through_dispatcher
-    previous, _through_dispatcher = _through_dispatcher, True
+    """Call the kernels as ``torch.ops.quantkit.*`` ops inside the block, in this thread."""
+    previous, _local.through_dispatcher = _dispatching(), True
     try:
         yield
     finally:
-        _through_dispatcher = previous
+        _local.through_dispatcher = previous
 
 
 def enabled() -> bool:
@@ -213,7 +217,7 @@ def w8a8_linear(
     input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused W8A8 linear (contract: :class:`quantkit.kernels.W8A8Op`)."""
-    if _through_dispatcher:
+    if _dispatching():
         return torch.ops.quantkit.w8a8_linear(x, weight, weight_scale, bias, smooth_inv, input_scale)
     return (_module or _require()).w8a8_linear(x, weight, weight_scale, bias, smooth_inv, input_scale)
 
@@ -248,7 +252,7 @@ def w8a16_packed(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """W8A16 through ``_weight_int8pack_mm`` (contract: :class:`quantkit.kernels.W8A16Op`)."""
-    if _through_dispatcher:
+    if _dispatching():
         return torch.ops.quantkit.w8a16_packed(x, weight, weight_scale, bias)
     return (_module or _require()).w8a16_packed(x, weight, weight_scale, bias)
 
@@ -262,7 +266,7 @@ def w8a16_dequant(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """W8A16 by one-pass dequantization and the float GEMM; equal to the reference's result."""
-    if _through_dispatcher:
+    if _dispatching():
         return torch.ops.quantkit.w8a16_dequant(x, weight, weight_scale, bias)
     return (_module or _require()).w8a16_dequant(x, weight, weight_scale, bias)
 

@@ -144,6 +144,45 @@ def test_work_outside_the_dispatcher_is_refused():
     assert "differs between positions" in _capture(step)
 
 
+def test_writing_into_a_tensor_made_outside_the_dispatcher_is_refused():
+    # torch.tensor() builds its data outside the dispatcher: eager gets a new one every step, a replay
+    # would keep multiplying the recorded one.
+    out = torch.zeros(3)
+
+    def step():
+        t = torch.tensor([1.0, 2.0, 3.0])
+        t.mul_(2)
+        out.copy_(t)
+
+    assert "made outside the dispatcher" in _capture(step)
+
+
+def test_ops_without_results_are_kept():
+    buf = torch.ones(4)
+
+    def step():
+        torch._assert_async(buf.sum() > 0)  # returns nothing; runs for its check
+        buf.mul_(2)
+
+    graph = cpu_graph.capture(step)
+    graph.replay()
+    assert buf.tolist() == [8.0] * 4 and "aten._assert_async.default" in graph.ops
+
+
+def test_the_recording_switch_is_per_thread():
+    import threading
+
+    from quantkit.kernels import cpu_fused
+
+    seen = []
+    with cpu_fused.through_dispatcher():
+        worker = threading.Thread(target=lambda: seen.append(cpu_fused._dispatching()))
+        worker.start()
+        worker.join()
+        assert cpu_fused._dispatching()
+    assert seen == [False] and not cpu_fused._dispatching()
+
+
 def test_a_faithful_step_replays_and_frees_its_intermediates():
     buf = torch.arange(4.0)
     pos = torch.zeros((), dtype=torch.long)
