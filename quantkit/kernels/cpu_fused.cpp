@@ -732,6 +732,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w8a16_packed", &w8a16_packed, "W8A16 through _weight_int8pack_mm");
   m.def("w8a16_dequant", &w8a16_dequant, "W8A16 by one-pass dequantization and the float GEMM");
   m.def("gemv_kind", &gemv_kind, "the int8 GEMV used at a few rows: vnni, avx2 or empty");
+  m.def("int8_matmul", &int8_matmul, "the W8A8 kernel's exact int8 [M, K] x int8 [N, K]^T -> int32 [M, N] (tests)");
   m.def("int8_gemm_kind", &int8_gemm_kind, "how W8A8 multiplies many rows: int_mm or fp32 (exact)");
   m.def("w16_gemv_kind", &w16_gemv_kind, "the W8A16 GEMV used at a few tokens per sequence: avx512, avx2 or empty");
   py::class_<Replay>(m, "Replay")

@@ -249,44 +249,56 @@ def test_w8a16_decode_gemv_is_close_and_row_independent(fused, k, dtype):
     assert fused.w16_gemv_kind() in ("avx512", "avx2", "")
 
 
-def test_fp32_int8_gemm_is_exact():
-    """QUANTKIT_INT8_GEMM=fp32 (the default on CPUs without VNNI), forced in a fresh process: int8
-    values through the fp32 GEMM, chunked at K = 1032, give the reference's outputs bit for bit, also
-    where every product is 127 * 127 and the sums pass 2^24."""
+# Kernel choices (QUANTKIT_GEMV, QUANTKIT_INT8_GEMM) are read once per process: tests that force one
+# run in a fresh interpreter, after this prelude.
+_PRELUDE = (
+    "import torch; from quantkit.kernels import cpu_fused, reference; "
+    "from quantkit.qmath import quantize_weight_per_channel as q; torch.manual_seed(0)\n"
+    "mod = cpu_fused.module()\n"
+    "if mod is None: print('none'); raise SystemExit\n"
+)
+
+
+def _last_line_in_fresh_process(body: str, **env: str) -> str:
+    import os
     import subprocess
     import sys
 
-    code = (
-        "import torch; from quantkit.kernels import cpu_fused, reference; "
-        "from quantkit.qmath import quantize_weight_per_channel as q; torch.manual_seed(0)\n"
-        "mod = cpu_fused.module()\n"
-        "if mod is None: print('none'); raise SystemExit\n"
+    run = subprocess.run(
+        [sys.executable, "-c", _PRELUDE + body], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    )
+    return (run.stdout.strip().splitlines() or [""])[-1]
+
+
+def test_fp32_int8_gemm_is_exact():
+    """QUANTKIT_INT8_GEMM=fp32 (the default on CPUs without VNNI): int8 values through the fp32 GEMM,
+    chunked at K = 1032, give the reference's outputs bit for bit, also where the activations are all
+    127, the weights large (some -128) and the sums pass 2^24; with fp32 GEMMs allowed to run in bf16,
+    _int_mm takes over."""
+    body = (
         "for m, k, n in ((5, 576, 192), (33, 1032, 7), (9, 1033, 33), (17, 2100, 5), (6, 4096, 3), (7, 1, 4)):\n"
         "    for extreme in (False, True):\n"
         "        x = torch.randn(m, k); w = torch.randn(n, k)\n"
-        "        if extreme: x = torch.ones(m, k); w = -torch.ones(n, k)  # every product -127 * 127\n"
+        "        if extreme: x = torch.ones(m, k); w = -torch.ones(n, k)  # every activation 127\n"
         "        wq, s = q(w); x = x.bfloat16()\n"
-        "        if extreme: wq = wq.clone().fill_(-128)  # the op takes any int8 weight: -128 * 127\n"
+        "        if extreme: wq = torch.randint(100, 128, (n, k), dtype=torch.int8)  # large odd sums, > 2^24\n"
+        "        if extreme: wq[:, ::7] = -128  # the op takes any int8 weight\n"
         "        assert torch.equal(cpu_fused.w8a8_linear(x, wq, s), reference.w8a8_linear(x, wq, s)), (m, k, n)\n"
+        "for m, k in ((5, 1032), (7, 1033), (9, 4096), (6, 5000)):  # the int32 product itself, exactly\n"
+        "    a = torch.full((m, k), 127, dtype=torch.int8); b = torch.randint(-128, 128, (3, k), dtype=torch.int8)\n"
+        "    b[0] = torch.randint(100, 128, (k,), dtype=torch.int8)  # sums far past 2^24, odd\n"
+        "    assert torch.equal(mod.int8_matmul(a, b), a.int() @ b.int().t()), (m, k)\n"
         "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'  # fp32 GEMMs not exact: _int_mm instead\n"
         "assert torch.equal(cpu_fused.w8a8_linear(x, wq, s), reference.w8a8_linear(x, wq, s))\n"
         "print(mod.int8_gemm_kind())"
     )
-    env = {**__import__("os").environ, "QUANTKIT_INT8_GEMM": "fp32"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] in ("fp32", "none")
+    assert _last_line_in_fresh_process(body, QUANTKIT_INT8_GEMM="fp32") in ("fp32", "none")
 
 
 def test_avx2_gemv_is_exact_too():
-    """The AVX2 GEMV, forced in a fresh process (the choice is read once), gives the reference's outputs."""
-    import subprocess
-    import sys
-
-    code = (
-        "import torch; from quantkit.kernels import cpu_fused, reference; "
-        "from quantkit.qmath import quantize_weight_per_channel as q; torch.manual_seed(0)\n"
-        "mod = cpu_fused.module()\n"
-        "if mod is None: print('none'); raise SystemExit\n"
+    """The AVX2 GEMVs, forced (QUANTKIT_GEMV=avx2): W8A8 gives the reference's outputs, W8A16 is close
+    and row-independent."""
+    body = (
         "for m, k, n in ((1, 576, 192), (4, 65, 33), (3, 1537, 7), (2, 15, 5)):\n"
         "    x = torch.randn(m, k).bfloat16(); w, s = q(torch.randn(n, k))\n"
         "    assert torch.equal(cpu_fused.w8a8_linear(x, w, s), reference.w8a8_linear(x, w, s)), (m, k, n)\n"
@@ -296,10 +308,8 @@ def test_avx2_gemv_is_exact_too():
         "    assert torch.equal(out[-1:], cpu_fused.w8a16_packed(x[-1:, None], w, s)[:, 0])\n"
         "print(mod.gemv_kind(), mod.w16_gemv_kind())"
     )
-    env = {**__import__("os").environ, "QUANTKIT_GEMV": "avx2"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    last = (out.strip().splitlines() or [""])[-1]
-    assert last in ("avx2 avx2", "none", "")  # "" where the CPU has no AVX2 (and FMA)
+    # "" where the CPU has no AVX2 (and FMA)
+    assert _last_line_in_fresh_process(body, QUANTKIT_GEMV="avx2") in ("avx2 avx2", "none", "")
 
 
 def test_fused_kernels_are_dispatcher_ops_with_meta_shapes(fused):
