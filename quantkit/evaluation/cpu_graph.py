@@ -1,7 +1,8 @@
 """CPU graphs: record the ops of one decode step once, then replay them from C++ with no Python.
 
 Why: at batch 1 a decode step of a small model is made of thousands of tiny ops (the default model:
-~2,600 ATen ops per token, 30 layers x norms, projections, rotary, cache writes, attention, MLP). In
+~1,950 per token with quantkit's int8 linears, ~2,600 in bf16; 30 layers x norms, projections,
+rotary, cache writes, attention, MLP). In
 eager PyTorch each one costs Python and module-call overhead several times its arithmetic, which
 left the int8 matmuls, whose weights set the speed limit, with well under half of the step's time.
 On CUDA the same problem is solved by capturing the step into a CUDA graph; this module is the CPU
@@ -21,12 +22,16 @@ How:
   anything computed outside the dispatcher, which the recording cannot see) shows up as a constant
   that differs, and the capture is refused with :class:`CaptureError` naming the op. Ops that hand a
   value back to Python (``.item()``, data-dependent shapes) are refused too: replaying them would
-  freeze the value.
+  freeze the value; so are writes into a tensor the step makes outside the dispatcher
+  (``torch.tensor(...)``), which a replay would accumulate into. Not caught: a host decision that
+  changes only at some later position (the recordings are at two adjacent positions), and host
+  reads that bypass the dispatcher (``.tolist()``) unless they change a constant.
 - **Replay.** The sequence goes to ``Replay`` in the C++ extension, less the ops whose results
   nothing uses and those that only compute constants (folded into their recorded result: e.g. the
   ``arange`` behind the attention mask, computed the same way at every step). ``Replay`` calls
-  each op through the dispatcher with its recorded arguments, drops each intermediate after its
-  last use, and releases the GIL while it runs.
+  each op through the dispatcher with its recorded arguments (in ``InferenceMode``, which skips the
+  autograd bookkeeping), drops each intermediate after its last use, and releases the GIL while it
+  runs.
 
 Same ops, same arguments, same kernels: a replayed step computes exactly what the eager step does,
 bit for bit (``tests/evaluation/test_cpu_graph.py`` checks greedy tokens against the eager decoder
