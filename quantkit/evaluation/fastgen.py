@@ -132,6 +132,9 @@ class StaticDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         params = inspect.signature(model.forward).parameters
         self._takes_cache_position = "cache_position" in params
+        # transformers 5.2x names the cache argument `cache` (`past_key_values` is deprecated, to go in
+        # 5.40); earlier versions only know `past_key_values`.
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._takes_logits_to_keep = "logits_to_keep" in params
 
         # The decode step's static state, all on the model's device and only ever updated in place.
@@ -212,12 +215,12 @@ class StaticDecoder:
         self._length = 0
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, last_logits_only: bool) -> torch.Tensor:
-        kwargs = dict(
-            input_ids=input_ids,
-            position_ids=positions.view(1, -1).expand(input_ids.shape[0], -1),
-            past_key_values=self.cache,
-            use_cache=True,
-        )
+        kwargs = {
+            "input_ids": input_ids,
+            "position_ids": positions.view(1, -1).expand(input_ids.shape[0], -1),
+            self._cache_kwarg: self.cache,
+            "use_cache": True,
+        }
         if self._takes_cache_position:
             kwargs["cache_position"] = positions
         if last_logits_only and self._takes_logits_to_keep:
