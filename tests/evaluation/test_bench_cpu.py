@@ -57,3 +57,21 @@ def test_llama_cpp_needs_its_package_and_file(bench, tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if not installed
     with pytest.raises(SystemExit, match="llama-cpp-python"):
         bench.LlamaCpp(tmp_path / "m.gguf", 2, 64)
+
+
+def test_bench_decode_batch_smoke(tmp_path, capsys):
+    from tiny_models import make_lively
+
+    import quantkit
+
+    spec = importlib.util.spec_from_file_location("bench_decode_batch", BENCH.parent / "bench_decode_batch.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    quantkit.save(make_lively("llama", "w8a16"), tmp_path / "ck")
+    out = tmp_path / "batch.json"
+    args = [str(tmp_path / "ck"), "--batch-sizes", "1,3", "--prompt-tokens", "4", "--tokens", "4", "--repeats", "1"]
+    assert module.main([*args, "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 3]
+    assert all(r["eager_tok_s"] > 0 and r["graph_tok_s"] > 0 and r["graph_method"] == "cpu_graph" for r in rows)
+    assert "batch 3:" in capsys.readouterr().out
