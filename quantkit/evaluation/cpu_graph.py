@@ -189,17 +189,20 @@ def _compare(first: list[_Node], second: list[_Node]) -> None:
                     f"argument {name!r} of op {i} ({a.func}) differs between positions: the forward computes "
                     "it on the host, or outside the dispatcher"
                 )
-    _check_fresh_constants(first, second)
 
 
-def _check_fresh_constants(first: list[_Node], second: list[_Node]) -> None:
+def _written(nodes: list[_Node]) -> set[int]:
+    """Storages the step writes into (in place or as out= arguments)."""
+    return {_storage(t) for node in nodes for t in node.written}
+
+
+def _check_fresh_constants(first: list[_Node], second: list[_Node], written: set[int]) -> None:
     """Refuse a step that writes into a tensor it creates outside the dispatcher (``torch.tensor(...)``).
 
     Eager gets a new such tensor every step; a replay would keep writing into the recorded one, so
     the writes would build up from step to step. Such a tensor is a constant whose buffer differs
     between the two recordings.
     """
-    written = {_storage(t) for node in second for t in node.written}
     for i, (a, b) in enumerate(zip(first, second, strict=True)):
         fresh = [
             tb
@@ -237,14 +240,13 @@ def _const_tensors(encoding: Any) -> list[torch.Tensor]:
     return [t for item in encoding[1] for t in _const_tensors(item)]
 
 
-def _fold(nodes: list[_Node]) -> list[_Node]:
+def _fold(nodes: list[_Node], written: set[int]) -> list[_Node]:
     """Replace ops whose every input is a constant the step never writes by their recorded result.
 
     E.g. ``arange(max_len)`` for the mask, ``scalar_tensor(-inf)``, and what is computed from them
     only: they would compute the same value at every step. Not folded: ops that write (the cache,
     the buffers), ops whose result something writes into later, ops with a random generator.
     """
-    written = {_storage(t) for node in nodes for t in node.written}
     folded: dict[int, Any] = {}  # slot -> recorded value
 
     def substitute(enc: Any) -> Any:
@@ -355,7 +357,9 @@ def capture(step: Callable[[], None]) -> CpuGraph:
     first, _ = _record(step)
     second, n_slots = _record(step)
     _compare(first, second)
-    nodes = _prune(_fold(second))
+    written = _written(second)
+    _check_fresh_constants(first, second, written)
+    nodes = _prune(_fold(second, written))
     replay = ext.Replay(_program(nodes, n_slots), n_slots)
     seconds = time.perf_counter() - t0
     log.debug("CPU graph: %d ops recorded per step, %d replayed, captured in %.2f s", len(second), len(nodes), seconds)

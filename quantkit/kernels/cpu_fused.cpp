@@ -460,13 +460,16 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
 
 // Which W8A16 GEMV runs at up to kGemvMaxRows tokens per sequence: "avx512", "avx2" or "" (none:
 // _weight_int8pack_mm). Follows the W8A8 GEMV's choice: QUANTKIT_GEMV=0 turns it off, =avx2 forces AVX2.
-std::string w16_gemv_kind() {
+const std::string& w16_gemv_kind() {
+  static const std::string kind = [] {
 #ifdef QK_VNNI
-  const std::string& kind = gemv_kind();
-  if (kind == "vnni") return "avx512";
-  if (kind == "avx2" && has_fma()) return "avx2";
+    const std::string& w8a8 = gemv_kind();
+    if (w8a8 == "vnni") return std::string("avx512");
+    if (w8a8 == "avx2" && has_fma()) return std::string("avx2");
 #endif
-  return "";
+    return std::string();
+  }();
+  return kind;
 }
 
 #ifdef QK_VNNI
@@ -517,8 +520,9 @@ at::Tensor w8a16_packed(const at::Tensor& x, const at::Tensor& weight, const at:
   // Tokens per sequence, as the Python side chooses paths (quantkit.kernels.reference.rows_per_sequence).
   const int64_t L = x.dim() >= 3 ? x.size(-2) : x.numel() / std::max<int64_t>(K, 1);
 #ifdef QK_VNNI
-  const std::string kind = L <= kGemvMaxRows && weight.is_contiguous() ? w16_gemv_kind() : std::string();
-  if (!kind.empty()) return w8a16_gemv(x, weight, weight_scale, bias, kind == "avx512");
+  if (L <= kGemvMaxRows && weight.is_contiguous() && !w16_gemv_kind().empty()) {
+    return w8a16_gemv(x, weight, weight_scale, bias, w16_gemv_kind() == "avx512");
+  }
 #endif
   TORCH_CHECK(weight.is_contiguous() && aligned(weight),
               "_weight_int8pack_mm needs a contiguous, 64-byte aligned weight");

@@ -67,6 +67,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -187,6 +188,12 @@ def int8_gemm_kind() -> str | None:
     return None if _module is None else _module.int8_gemm_kind()
 
 
+def _kernels() -> Any:
+    """Where the kernels are called from: the extension's bindings, or while recording (see
+    ``through_dispatcher``) the same functions as ``torch.ops.quantkit`` ops."""
+    return torch.ops.quantkit if _dispatching() else (_module or _require())
+
+
 def _require() -> ModuleType:
     mod = module()
     if mod is None:
@@ -217,9 +224,7 @@ def w8a8_linear(
     input_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fused W8A8 linear (contract: :class:`quantkit.kernels.W8A8Op`)."""
-    if _dispatching():
-        return torch.ops.quantkit.w8a8_linear(x, weight, weight_scale, bias, smooth_inv, input_scale)
-    return (_module or _require()).w8a8_linear(x, weight, weight_scale, bias, smooth_inv, input_scale)
+    return _kernels().w8a8_linear(x, weight, weight_scale, bias, smooth_inv, input_scale)
 
 
 def packed_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -252,9 +257,7 @@ def w8a16_packed(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """W8A16 through ``_weight_int8pack_mm`` (contract: :class:`quantkit.kernels.W8A16Op`)."""
-    if _dispatching():
-        return torch.ops.quantkit.w8a16_packed(x, weight, weight_scale, bias)
-    return (_module or _require()).w8a16_packed(x, weight, weight_scale, bias)
+    return _kernels().w8a16_packed(x, weight, weight_scale, bias)
 
 
 def w8a16_dequant_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -266,9 +269,7 @@ def w8a16_dequant(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """W8A16 by one-pass dequantization and the float GEMM; equal to the reference's result."""
-    if _dispatching():
-        return torch.ops.quantkit.w8a16_dequant(x, weight, weight_scale, bias)
-    return (_module or _require()).w8a16_dequant(x, weight, weight_scale, bias)
+    return _kernels().w8a16_dequant(x, weight, weight_scale, bias)
 
 
 def register_all(register: Callable[[str, Impl], None]) -> None:
