@@ -382,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         "environment": evaluate.environment(),
         "cpu": evaluate.cpu_features(),
         "backends": kernels.backends(),
-        # ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY cap the instruction sets torch uses (e.g. AVX2 to stand in
-        # for a CPU without AVX512-VNNI); the fused kernels' GEMV is chosen by QUANTKIT_GEMV / the CPU.
+        # ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY / MKL_ENABLE_INSTRUCTIONS cap the instruction sets torch
+        # uses (e.g. AVX2 to stand in for a CPU without AVX512-VNNI); the fused kernels' choices follow
+        # QUANTKIT_GEMV / QUANTKIT_INT8_GEMM or the CPU.
         "env": {
             k: os.environ.get(k)
             for k in (
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
                 "OMP_NUM_THREADS",
                 "ONEDNN_MAX_CPU_ISA",
                 "ATEN_CPU_CAPABILITY",
+                "MKL_ENABLE_INSTRUCTIONS",
             )
         },
     }

@@ -19,10 +19,14 @@ What the extension (C++ source: ``cpu_fused.cpp`` next to this file) does, bit-e
   even, clamp to [-127, 127]; ``acc * x_scale * w_scale + bias`` without fused multiply-add
   (``-ffp-contract=off``), so the outputs are equal, not just close.
   On a CPU without native int8 dot products (no VNNI, e.g. AVX2-only), ``_int_mm`` is slow, so
-  more rows go through the fp32 GEMM instead, exactly: int8 products are integers below 2^14 and
+  more rows go through the extension's AVX2 int8 GEMM instead: ``vpmaddubsw`` with the weight's
+  magnitude as the unsigned operand and its sign moved onto the activation (``vpsignb``), which
+  cannot saturate for any int8 weight since activations are clamped to +-127, then ``vpmaddwd`` into
+  int32; the weight is repacked per call, 16 output columns at a time. Where AVX2 is missing too,
+  the int8 values go through the fp32 GEMM, exactly: int8 products are integers below 2^14 and
   sums of up to 1,032 of them stay below 2^24, which fp32 holds exactly in any summation order;
-  longer rows are split into such chunks, added in int32 (``int8_gemm_kind()``: "int_mm" or
-  "fp32"; ``QUANTKIT_INT8_GEMM`` forces one). Same outputs bit for bit.
+  longer rows are split into such chunks, added in int32. ``int8_gemm_kind()`` says which runs
+  ("int_mm", "avx2" or "fp32"; ``QUANTKIT_INT8_GEMM`` forces one). Same outputs bit for bit.
   At up to 4 rows (decode), a GEMV in the extension replaces ``_int_mm``: it streams each int8
   weight row once against every activation row, with ``vpdpbusd`` on AVX512-VNNI, or with both
   operands widened to int16 and ``vpmaddwd`` on AVX2-only CPUs; exact in int32 either way, so the
@@ -183,8 +187,9 @@ def w16_gemv_kind() -> str | None:
 
 def int8_gemm_kind() -> str | None:
     """How the W8A8 kernel multiplies more than 4 rows: "int_mm" (oneDNN, where the CPU has native int8
-    dot products) or "fp32" (int8 values through the fp32 GEMM, exact; AVX2-only CPUs); None when the
-    extension is not loaded in this process."""
+    dot products), "avx2" (the extension's vpmaddubsw GEMM; x86 CPUs with AVX2 but no VNNI) or "fp32"
+    (int8 values through the fp32 GEMM; others), all exact; None when the extension is not loaded in
+    this process."""
     return None if _module is None else _module.int8_gemm_kind()
 
 

@@ -270,16 +270,24 @@ def _last_line_in_fresh_process(body: str, **env: str) -> str:
     return (run.stdout.strip().splitlines() or [""])[-1]
 
 
-def test_fp32_int8_gemm_is_exact():
-    """QUANTKIT_INT8_GEMM=fp32 (the default on CPUs without VNNI): int8 values through the fp32 GEMM,
-    chunked at K = 1032, give the reference's outputs bit for bit, also where the activations are all
-    127, the weights large (some -128) and the sums pass 2^24; with fp32 GEMMs allowed to run in bf16,
-    _int_mm takes over."""
+@pytest.mark.parametrize("kind", ["fp32", "avx2"])
+def test_int8_gemms_without_vnni_are_exact(kind):
+    """The int8 GEMMs for CPUs without native int8 dot products, forced (QUANTKIT_INT8_GEMM): "avx2"
+    (vpmaddubsw, the default there) and "fp32" (int8 values through the fp32 GEMM in chunks of K =
+    1032) give the reference's outputs bit for bit, also where every activation is +-127, the weights
+    are large (some -128) and the sums pass 2^24, and at shapes that leave partial tiles (M, N and K
+    not multiples of the kernel's 4 rows, 16 columns and 4 x 8 bytes). With fp32 GEMMs allowed to run
+    in bf16, "fp32" hands over to _int_mm."""
+    if kind == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the AVX2 int8 GEMM needs an AVX2 CPU")
     body = (
-        "for m, k, n in ((5, 576, 192), (33, 1032, 7), (9, 1033, 33), (17, 2100, 5), (6, 4096, 3), (7, 1, 4)):\n"
+        "shapes = ((5, 576, 192), (33, 1032, 7), (9, 1033, 33), (17, 2100, 5), (6, 4096, 3), (7, 1, 4),"
+        " (70, 100, 40), (301, 64, 16), (8, 3, 17))\n"
+        "for m, k, n in shapes:\n"
         "    for extreme in (False, True):\n"
         "        x = torch.randn(m, k); w = torch.randn(n, k)\n"
         "        if extreme: x = torch.ones(m, k); w = -torch.ones(n, k)  # every activation 127\n"
+        "        if extreme and m % 2: x = -x  # every activation -127\n"
         "        wq, s = q(w); x = x.bfloat16()\n"
         "        if extreme: wq = torch.randint(100, 128, (n, k), dtype=torch.int8)  # large odd sums, > 2^24\n"
         "        if extreme: wq[:, ::7] = -128  # the op takes any int8 weight\n"
@@ -288,11 +296,12 @@ def test_fp32_int8_gemm_is_exact():
         "    a = torch.full((m, k), 127, dtype=torch.int8); b = torch.randint(-128, 128, (3, k), dtype=torch.int8)\n"
         "    b[0] = torch.randint(100, 128, (k,), dtype=torch.int8)  # sums far past 2^24, odd\n"
         "    assert torch.equal(mod.int8_matmul(a, b), a.int() @ b.int().t()), (m, k)\n"
+        "    assert torch.equal(mod.int8_matmul(-a, b), -a.int() @ b.int().t()), (m, k)\n"
         "torch.backends.mkldnn.matmul.fp32_precision = 'bf16'  # fp32 GEMMs not exact: _int_mm instead\n"
         "assert torch.equal(cpu_fused.w8a8_linear(x, wq, s), reference.w8a8_linear(x, wq, s))\n"
         "print(mod.int8_gemm_kind())"
     )
-    assert _last_line_in_fresh_process(body, QUANTKIT_INT8_GEMM="fp32") in ("fp32", "none")
+    assert _last_line_in_fresh_process(body, QUANTKIT_INT8_GEMM=kind) in (kind, "none")
 
 
 def test_avx2_gemv_is_exact_too():
