@@ -390,8 +390,8 @@ at::Tensor int8_matmul_fp32(const at::Tensor& q, const at::Tensor& weight) {
 // activations are clamped to +-127, so negating one cannot overflow), every product is exactly
 // a * w and a pair sums to at most 2 * 128 * 127 = 32512: no saturation, for any int8 weight. vpmaddwd
 // by ones widens the pairs into int32 lanes. 32 products per three instructions on the two vector
-// ports, where fp32 FMA needs four: the whole W8A8 linear ran 1.05-1.21x MKL's AVX2 fp32 linear at
-// M = 512 and 1.23-2.17x at M = 16 on the default model's shapes (README, AVX2 stand-in).
+// ports, where fp32 FMA needs four: the whole W8A8 linear ran 1.11-1.22x MKL's AVX2 fp32 linear at
+// M = 512 and 1.31-2.15x at M = 16 on the default model's shapes (README, AVX2 stand-in).
 //
 // The weight is repacked per call, one block of 16 output columns at a time, in the order the kernel
 // reads it: [K / 4][16 columns][4 bytes], so one 32-byte load holds 8 columns x 4 k, and an
@@ -477,11 +477,15 @@ at::Tensor int8_matmul_avx2(const at::Tensor& q_in, const at::Tensor& weight_in)
   const int8_t* qp = q.data_ptr<int8_t>();
   const int8_t* wp = weight.data_ptr<int8_t>();
   int32_t* ap = acc.data_ptr<int32_t>();
-  // Tiles: (column block, row range). Enough of them for every thread even where N is small; each
-  // packs its block once for its rows.
+  // Tiles: (row range, column block), column blocks innermost so a thread's consecutive tiles reuse
+  // one row range from cache. Row ranges hold ~256 KB of activations (at least 64 rows, so packing a
+  // block costs at most 1/64 of its multiplies) and are cut finer where N alone gives too few tiles
+  // for the threads.
   const int64_t blocks = (N + kPackCols - 1) / kPackCols;
   const int64_t want = 4 * at::get_num_threads();
-  const int64_t row_parts = std::min<int64_t>((M + 15) / 16, std::max<int64_t>(1, (want + blocks - 1) / blocks));
+  const int64_t cached_rows = std::max<int64_t>(64, (256 << 10) / lda);
+  const int64_t row_parts = std::max<int64_t>((M + cached_rows - 1) / cached_rows,
+                                              std::min<int64_t>((M + 15) / 16, (want + blocks - 1) / blocks));
   const int64_t rows_per = (M + row_parts - 1) / row_parts;
   at::parallel_for(0, blocks * row_parts, 1, [&](int64_t t0, int64_t t1) {
     std::vector<int8_t> packed(K4 * kPackCols * 4);
