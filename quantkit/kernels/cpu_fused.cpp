@@ -411,7 +411,8 @@ __attribute__((target("avx2"))) void pack_block(const int8_t* w, int64_t K, int6
         __m256i r[8];
         for (int c = 0; c < 8; ++c)
           r[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + half * 8 + c) * K + g0 * 4));
-        // 8 x 8 transpose of int32: r[c] holds groups g0..g0+7 of column c; t[g] gets column 0..7 of group g.
+        // 8 x 8 transpose of int32: r[c] holds groups g0..g0+7 of column c; each store below holds
+        // one group of columns 0..7.
         __m256i a[8], b[8];
         for (int i = 0; i < 4; ++i) {
           a[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
@@ -467,8 +468,10 @@ __attribute__((target("avx2"))) void gemm_avx2_tile(const int8_t* q, int64_t lda
   }
 }
 
+// q's values must lie in [-127, 127] (the activation quantizer's clamp), any int8 weight.
 at::Tensor int8_matmul_avx2(const at::Tensor& q_in, const at::Tensor& weight_in) {
   const int64_t M = q_in.size(0), K = q_in.size(1), N = weight_in.size(0), K4 = (K + 3) / 4;
+  if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, q_in.options().dtype(at::kInt));
   const at::Tensor weight = weight_in.contiguous();
   // The kernel reads activations 4 bytes at a time: pad rows to a multiple of 4 with zeros.
   const at::Tensor q = K % 4 == 0 ? q_in.contiguous() : at::constant_pad_nd(q_in, {0, 4 * K4 - K}, 0);
