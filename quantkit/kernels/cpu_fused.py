@@ -28,9 +28,9 @@ What the extension (C++ source: ``cpu_fused.cpp`` next to this file) does, bit-e
   longer rows are split into such chunks, added in int32. ``int8_gemm_kind()`` says which runs
   ("int_mm", "avx2" or "fp32"; ``QUANTKIT_INT8_GEMM`` forces one). Same outputs bit for bit.
   At up to 4 rows (decode), a GEMV in the extension replaces ``_int_mm``: it streams each int8
-  weight row once against every activation row, with ``vpdpbusd`` on AVX512-VNNI, or with both
-  operands widened to int16 and ``vpmaddwd`` on AVX2-only CPUs; exact in int32 either way, so the
-  outputs are the same bit for bit. ``_int_mm`` spends more on setup than on the multiply at one
+  weight row once against every activation row, with ``vpdpbusd`` on AVX512-VNNI, or with
+  ``vpmaddubsw`` as in the AVX2 GEMM on AVX2-only CPUs; exact in int32 either way, so the outputs
+  are the same bit for bit. ``_int_mm`` spends more on setup than on the multiply at one
   row (576x576 at M = 1, weights from memory: 90 us with ``_int_mm``, 64 us with the VNNI GEMV, in
   the two A/B runs of ``eval/bench_cpu.py`` the README quotes). ``gemv_kind()`` says which runs;
   ``QUANTKIT_GEMV=0`` turns it off and ``QUANTKIT_GEMV=avx2`` picks the AVX2 one on a VNNI CPU too

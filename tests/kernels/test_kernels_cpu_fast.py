@@ -308,8 +308,8 @@ def test_int8_gemms_without_vnni_are_exact(kind):
 
 
 def test_avx2_gemv_is_exact_too():
-    """The AVX2 GEMVs, forced (QUANTKIT_GEMV=avx2): W8A8 gives the reference's outputs, W8A16 is close
-    and row-independent."""
+    """The AVX2 GEMVs, forced (QUANTKIT_GEMV=avx2): W8A8 gives the reference's outputs (also its int32
+    product at the extremes: activations +-127, weights -128), W8A16 is close and row-independent."""
     body = (
         "for m, k, n in ((1, 576, 192), (4, 65, 33), (3, 1537, 7), (2, 15, 5)):\n"
         "    x = torch.randn(m, k).bfloat16(); w, s = q(torch.randn(n, k))\n"
@@ -318,6 +318,14 @@ def test_avx2_gemv_is_exact_too():
         "    out = cpu_fused.w8a16_packed(x[:, None], w, s)[:, 0]\n"
         "    assert (ref - out).norm() < 1e-5 * ref.norm(), (m, k, n)  # the AVX2 W8A16 GEMV\n"
         "    assert torch.equal(out[-1:], cpu_fused.w8a16_packed(x[-1:, None], w, s)[:, 0])\n"
+        "for m, k, n in ((1, 31, 3), (2, 32, 5), (3, 33, 4), (4, 576, 7), (1, 5000, 2)):  # the int32 product\n"
+        "    for sign in (1, -1):  # every activation +-127, weights large and some -128: exact\n"
+        "        a = torch.full((m, k), 127 * sign, dtype=torch.int8)\n"
+        "        b = torch.randint(100, 128, (n, k), dtype=torch.int8); b[:, ::5] = -128\n"
+        "        assert torch.equal(mod.int8_matmul(a, b), a.int() @ b.int().t()), (m, k, n)\n"
+        "for m, k, n in ((0, 8, 3), (2, 0, 3), (2, 8, 0)):  # empty operands\n"
+        "    a = torch.ones(m, k, dtype=torch.int8); b = torch.ones(n, k, dtype=torch.int8)\n"
+        "    assert torch.equal(mod.int8_matmul(a, b), torch.zeros(m, n, dtype=torch.int32)), (m, k, n)\n"
         "print(mod.gemv_kind(), mod.w16_gemv_kind())"
     )
     # "" where the CPU has no AVX2 (and FMA)
