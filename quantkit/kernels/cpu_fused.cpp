@@ -398,9 +398,9 @@ bool fp32_matmul_is_ieee() {
   }
 }
 
+// M, N, K > 0 (int8_matmul returns empty products before calling it).
 at::Tensor int8_matmul_fp32(const at::Tensor& q, const at::Tensor& weight) {
   const int64_t K = q.size(1);
-  if (K == 0) return at::zeros({q.size(0), weight.size(0)}, q.options().dtype(at::kInt));
   at::Tensor qf = q.to(at::kFloat);
   at::Tensor acc;
   for (int64_t k0 = 0; k0 < K; k0 += kExactK) {
@@ -498,10 +498,10 @@ __attribute__((target("avx2"))) void gemm_avx2_tile(const int8_t* q, int64_t lda
   }
 }
 
-// q's values must lie in [-127, 127] (the activation quantizer's clamp), any int8 weight.
+// q's values must lie in [-127, 127] (the activation quantizer's clamp), any int8 weight; M, N, K > 0
+// (int8_matmul returns empty products before calling it).
 at::Tensor int8_matmul_avx2(const at::Tensor& q_in, const at::Tensor& weight_in) {
   const int64_t M = q_in.size(0), K = q_in.size(1), N = weight_in.size(0), K4 = (K + 3) / 4;
-  if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, q_in.options().dtype(at::kInt));
   const at::Tensor weight = weight_in.contiguous();
   // The kernel reads activations 4 bytes at a time: pad rows to a multiple of 4 with zeros.
   const at::Tensor q = K % 4 == 0 ? q_in.contiguous() : at::constant_pad_nd(q_in, {0, 4 * K4 - K}, 0);
